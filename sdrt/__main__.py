@@ -1,0 +1,5 @@
+import sys
+
+from sdrt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,64 @@
+"""`sdrt` command line: one subcommand per module, each with `HELP`, `add_arguments(parser)` and `run(args)`.
+
+Subcommand modules import torch and friends inside `run`, so `sdrt --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from sdrt import __version__
+from sdrt.errors import SdrtError
+
+COMMANDS = {
+    "info": "sdrt.info",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdrt", description="Stable Diffusion inference runtime and compiler.")
+    parser.add_argument("--version", action="version", version=f"sdrt {__version__}")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback of an internal error")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module in COMMANDS.items():
+        mod = importlib.import_module(module)
+        p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
+        mod.add_arguments(p)
+        p.set_defaults(run=mod.run)
+    return parser
+
+
+def quiet_libraries() -> None:
+    """diffusers/transformers print loading bars and advice on every load; the CLI shows its own progress."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        quiet_libraries()
+        return int(args.run(args) or 0)
+    except SdrtError as e:
+        print(f"sdrt {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"sdrt {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug, not bad input: one line unless asked for the traceback
+        if args.traceback:
+            raise
+        print(f"sdrt {args.command}: internal error: {type(e).__name__}: {e} (rerun with --traceback)",
+              file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

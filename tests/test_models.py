@@ -1,0 +1,131 @@
+"""Foundation: presets, diffusers folders written by the test itself, and every bad MODEL input."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from sdrt.cli import main
+from sdrt.errors import SdrtError
+from sdrt.models import load_model, save_diffusers_folder
+from sdrt.specs import PRESETS, Family
+from sdrt.tokenizer import builtin_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "tiny-sdxl"
+    save_diffusers_folder(load_model("tiny-sdxl", seed=5), path)
+    return path
+
+
+@pytest.mark.parametrize("name,family,prediction", [("tiny", Family.SD1, "epsilon"),
+                                                    ("tiny-sd2", Family.SD2, "v_prediction"),
+                                                    ("tiny-sdxl", Family.SDXL, "epsilon")])
+def test_tiny_presets_build_with_real_architectures(name, family, prediction):
+    c = load_model(name)
+    assert (c.family, c.prediction_type) == (family, prediction)
+    assert len(c.text_encoders) == len(c.tokenizers) == (2 if family is Family.SDXL else 1)
+    ids = c.tokenizers[0](["a photo of a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    hidden = c.text_encoders[0](ids).last_hidden_state
+    assert hidden.shape == (1, 77, c.text_encoders[0].config.hidden_size)
+    assert sum(p.numel() for m in c.modules.values() for p in m.parameters()) < 5e6  # "a few million"
+
+
+def test_presets_are_seeded_and_reproducible():
+    a, b, c = load_model("tiny", seed=1), load_model("tiny", seed=1), load_model("tiny", seed=2)
+    wa, wb, wc = (next(m.unet.parameters()) for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+    assert a.source_hash == b.source_hash != c.source_hash
+
+
+def test_full_size_presets_are_specs_with_the_released_configs():
+    # Building sd15/sdxl takes tens of seconds; the architectures are checked as data here.
+    assert PRESETS["sd15"].unet["cross_attention_dim"] == 768
+    assert PRESETS["sd21"].prediction_type == "v_prediction" and PRESETS["sd21"].default_size == 768
+    assert PRESETS["sdxl"].unet["addition_embed_type"] == "text_time" and len(PRESETS["sdxl"].text_encoders) == 2
+    assert PRESETS["sdxl"].vae_scale == 0.13025 and PRESETS["sd-turbo"].scheduler["timestep_spacing"] == "trailing"
+
+
+def test_builtin_tokenizer_is_clip_bpe():
+    tok = builtin_tokenizer()
+    ids = tok("A photo of an astronaut", padding="max_length", max_length=77).input_ids
+    assert len(ids) == 77 and ids[0] == tok.bos_token_id
+    assert tok.convert_ids_to_tokens(ids[1:6]) == ["a</w>", "photo</w>", "of</w>", "an</w>", "astronaut</w>"]
+    assert ids[6] == tok.eos_token_id and set(ids[7:]) == {tok.pad_token_id}
+    # An unseen word still tokenizes, into byte-level BPE pieces, and decodes back.
+    unseen = tok("zyxq").input_ids[1:-1]
+    assert len(unseen) > 1 and tok.decode(unseen).strip() == "zyxq"
+
+
+def test_diffusers_folder_round_trip(tiny_folder):
+    ref, c = load_model("tiny-sdxl", seed=5), load_model(str(tiny_folder))
+    assert c.family is Family.SDXL and c.default_size == 64
+    assert type(c.text_encoders[1]).__name__ == "CLIPTextModelWithProjection"
+    for name, module in ref.modules.items():
+        for (k, v), (k2, v2) in zip(module.state_dict().items(), c.modules[name].state_dict().items()):
+            assert k == k2 and torch.equal(v, v2)
+    assert c.tokenizers[1].pad_token == "!"
+
+
+def test_folder_hash_tracks_weights(tiny_folder, tmp_path):
+    other = tmp_path / "other"
+    save_diffusers_folder(load_model("tiny-sdxl", seed=6), other)
+    assert load_model(str(other)).source_hash != load_model(str(tiny_folder)).source_hash
+
+
+def bad_input(tmp_path, tiny_folder, case):
+    if case == "missing path":
+        return str(tmp_path / "nope")
+    if case == "unknown preset":
+        return "sd99"
+    if case == "not a model file":
+        (tmp_path / "model.ckpt").write_bytes(b"x")
+        return str(tmp_path / "model.ckpt")
+    folder = tmp_path / "copy"
+    shutil.copytree(tiny_folder, folder)
+    if case == "no model_index":
+        (folder / "model_index.json").unlink()
+    elif case == "bad model_index":
+        (folder / "model_index.json").write_text("{")
+    elif case == "missing component":
+        shutil.rmtree(folder / "vae")
+    elif case == "missing scheduler config":
+        (folder / "scheduler" / "scheduler_config.json").unlink()
+    elif case == "truncated weights":
+        w = next((folder / "unet").glob("*.safetensors"))
+        w.write_bytes(w.read_bytes()[:1000])
+    elif case == "corrupt weights":
+        w = next((folder / "vae").glob("*.safetensors"))
+        w.write_bytes(b"\xff" * 64)
+    return str(folder)
+
+
+CASES = {"missing path": "neither a preset", "unknown preset": "neither a preset",
+         "not a model file": "expected a diffusers folder", "no model_index": "no model_index.json",
+         "bad model_index": "invalid JSON", "missing component": "component 'vae' is missing",
+         "missing scheduler config": "scheduler_config.json", "truncated weights": "cannot load unet",
+         "corrupt weights": "cannot load vae"}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_model_input_is_one_line_and_exit_1(case, tmp_path, tiny_folder, capsys):
+    model = bad_input(tmp_path, tiny_folder, case)
+    with pytest.raises(SdrtError, match=CASES[case]):
+        load_model(model)
+    assert main(["info", model]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and CASES[case] in err and "Traceback" not in err
+
+
+def test_info_cli_prints_components(capsys):
+    assert main(["info", "tiny"]) == 0
+    out = capsys.readouterr().out
+    for needle in ("family:      sd1", "prediction:  epsilon", "unet", "vae", "text_encoder", "64x64", "PNDM"):
+        assert needle in out
+
+
+def test_model_index_names_components(tiny_folder):
+    index = json.loads((tiny_folder / "model_index.json").read_text())
+    assert index["text_encoder_2"] == ["transformers", "CLIPTextModelWithProjection"]
