@@ -1,0 +1,176 @@
+"""Single-file checkpoints: one `.safetensors` in the original CompVis/LDM/SGM key layout -> Components, offline.
+
+Most fine-tunes are shared this way: `model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE) and the text
+encoder(s) under the family's prefix (TEXT_PREFIXES). The file holds weights only, so the architecture is borrowed
+from the preset whose UNet has exactly the checkpoint's keys and shapes (or from `arch`). Keys are renamed into
+diffusers' layout by diffusers' own converters (`diffusers.loaders.single_file_utils`: dict work, no network; we
+never call `from_single_file`, which fetches configs from the hub), then loaded strictly.
+
+What the weights cannot say comes from the preset: the scheduler config and so the prediction type. An SD 2.x
+512-px "base" fine-tune (epsilon) and sd-turbo have sd21's shapes and load as sd21 (v-prediction) unless `arch`
+says otherwise.
+
+Tokenizer: a `tokenizer/` folder (and for SDXL `tokenizer_2/`) in transformers' format next to the file is used
+when present; otherwise sdrt's builtin one, whose ids are not CLIP's: fine for random-weight tests, wrong for a
+real model's prompts, so put the released tokenizer beside a real checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sdrt.errors import SdrtError
+from sdrt.models import Components, build_text_encoder, hash_files, preset_defaults
+from sdrt.specs import PRESETS, Family, ModelSpec
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+# Each family's text encoders in order. "...transformer." holds transformers' CLIP layout (keys as in
+# CLIPTextModel); "...model." holds OpenCLIP's (fused q/k/v in_proj, resblocks), converted by diffusers.
+TEXT_PREFIXES = {
+    Family.SD1: ("cond_stage_model.transformer.",),
+    Family.SD2: ("cond_stage_model.model.",),
+    Family.SDXL: ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."),
+}
+SDXL_MARKER = "conditioner.embedders.1."
+
+
+def load_single_file(path: Path, arch: str | None = None) -> Components:
+    """Load an original-layout `.safetensors` checkpoint; `arch` (a preset name) overrides detection."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    path = Path(path)
+    if not path.is_file():
+        raise SdrtError(f"{path}: no such file")
+    sd = read_checkpoint(path)
+    if not any(k.startswith(UNET_PREFIX) for k in sd):
+        raise SdrtError(f"{path}: no UNet weights ({UNET_PREFIX}*) found; not an original-layout SD checkpoint")
+    if arch is None:
+        arch = detect_preset(path, sd)
+    elif arch not in PRESETS:
+        raise SdrtError(f"unknown arch '{arch}' (presets: {', '.join(PRESETS)})")
+    spec = PRESETS[arch]
+    if problems := unet_mismatch(spec, sd):
+        raise SdrtError(f"{path}: does not match preset '{arch}': unet: {problems}")
+    for prefix in (VAE_PREFIX, *TEXT_PREFIXES[spec.family]):
+        if not any(k.startswith(prefix) for k in sd):
+            raise SdrtError(f"{path}: no weights under {prefix}* (expected for a {spec.family.value} checkpoint)")
+
+    tokenizers = load_tokenizers(path.parent, len(spec.text_encoders))
+    bos, eos = tokenizers[0].bos_token_id, tokenizers[0].eos_token_id
+    text_encoders = [build_text_encoder(cfg, bos, eos) for cfg in spec.text_encoders]
+    unet = UNet2DConditionModel(**spec.unet)
+    vae = AutoencoderKL(**spec.vae)
+
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    load_strict(path, "unet", unet, convert(convert_ldm_unet_checkpoint, sd, dict(spec.unet)))
+    load_strict(path, "vae", vae, convert(convert_ldm_vae_checkpoint, sd, dict(spec.vae)))
+    for i, (prefix, te) in enumerate(zip(TEXT_PREFIXES[spec.family], text_encoders)):
+        load_strict(path, "text_encoder" + ("_2" if i else ""), te, convert_text_encoder(sd, prefix, te))
+    return Components(path.stem, spec.family, tokenizers, text_encoders, unet, vae, dict(spec.scheduler),
+                      spec.default_size, str(path), hash_files([path]), preset_defaults(spec))
+
+
+def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise SdrtError(f"{path}: not a valid safetensors file ({str(e).strip().splitlines()[0]})") from None
+
+
+def detect_preset(path: Path, sd: dict) -> str:
+    """The first preset (same family, same cross-attention width) whose UNet has exactly these keys and shapes."""
+    xl = any(k.startswith(SDXL_MARKER) for k in sd)
+    # attn2 is cross-attention: to_k maps the text context (width = cross_attention_dim) to the inner dim.
+    ctx = next((v.shape[1] for k, v in sd.items() if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")),
+               None)
+    closest = ""
+    for name, spec in PRESETS.items():
+        if (spec.family is Family.SDXL) != xl or spec.unet["cross_attention_dim"] != ctx:
+            continue
+        problems = unet_mismatch(spec, sd)
+        if not problems:
+            return name
+        closest = closest or f"; closest '{name}': {problems}"
+    raise SdrtError(f"{path}: the UNet matches no preset ({'SDXL' if xl else 'SD 1.x/2.x'} layout, "
+                    f"cross-attention width {ctx}){closest}")
+
+
+def unet_mismatch(spec: ModelSpec, sd: dict) -> str | None:
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    with torch.device("meta"):  # shapes only: no memory, no init (the sdxl UNet builds in ~0.2 s)
+        expected = {k: tuple(v.shape) for k, v in UNet2DConditionModel(**spec.unet).state_dict().items()}
+    try:
+        got = convert(convert_ldm_unet_checkpoint, sd, dict(spec.unet))
+    except SdrtError as e:
+        return str(e)
+    return mismatch(expected, got)
+
+
+def convert(fn, sd: dict, config: dict) -> dict:
+    """Run a diffusers converter; it indexes keys it expects, so a layout it doesn't know raises KeyError."""
+    try:
+        out = fn(sd, config)
+    except (KeyError, IndexError) as e:
+        raise SdrtError(f"unexpected layout, key {e} missing") from None
+    return {k: v for k, v in out.items() if v is not None}  # converters .get() optional keys (e.g. a bias)
+
+
+def convert_text_encoder(sd: dict, prefix: str, model) -> dict:
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
+
+    if prefix.endswith(".model."):
+        out = convert_open_clip_checkpoint(model, sd, prefix=prefix)
+    else:
+        out = convert_ldm_clip_checkpoint(sd, remove_prefix=prefix)
+    if not hasattr(model, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel (no text_model. level)
+        out = {k.removeprefix("text_model."): v for k, v in out.items()}
+    # Files written with older transformers carry the position_ids buffer, which newer ones recompute.
+    expected = model.state_dict()
+    return {k: v for k, v in out.items() if not k.endswith("position_ids") or k in expected}
+
+
+def mismatch(expected: dict[str, tuple], got: dict[str, torch.Tensor]) -> str | None:
+    """None when `got` has exactly the expected keys and shapes, else a one-line summary naming a few keys."""
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    wrong = [f"{k} {tuple(got[k].shape)} vs {expected[k]}" for k in expected
+             if k in got and tuple(got[k].shape) != expected[k]]
+    parts = [f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+             for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+    return "; ".join(parts) or None
+
+
+def load_strict(path: Path, what: str, module: torch.nn.Module, sd: dict) -> None:
+    if problems := mismatch({k: tuple(v.shape) for k, v in module.state_dict().items()}, sd):
+        raise SdrtError(f"{path}: {what}: {problems}")
+    module.load_state_dict(sd, strict=True)  # copies (and casts fp16/bf16 files) into the fp32 parameters
+
+
+def load_tokenizers(folder: Path, n: int) -> list:
+    """`tokenizer/` (`tokenizer_2/`) beside the file, else the builtin one; SDXL's second pads with '!'."""
+    from transformers import CLIPTokenizer
+
+    from sdrt.tokenizer import builtin_tokenizer
+
+    out = []
+    for i in range(n):
+        pad = {"pad_token": "!"} if i else {}
+        own = folder / ("tokenizer_2" if i else "tokenizer")
+        src = own if own.is_dir() else folder / "tokenizer"
+        if not src.is_dir():
+            out.append(builtin_tokenizer(**pad))
+            continue
+        try:  # a tokenizer_2/ folder brings its own pad token; tokenizer/ reused for SDXL's second gets '!'
+            out.append(CLIPTokenizer.from_pretrained(src, local_files_only=True, **({} if src == own else pad)))
+        except (OSError, ValueError) as e:
+            raise SdrtError(f"{src}: cannot load tokenizer: {str(e).strip().splitlines()[0]}") from None
+    return out

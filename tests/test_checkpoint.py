@@ -1,0 +1,138 @@
+"""Single-file (original LDM layout) checkpoints: round trip through tests/ldm_layout.py, and bad files."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+from ldm_layout import to_ldm_state_dict  # tests/ is on sys.path (pytest's rootdir-relative import)
+from safetensors.torch import save_file
+
+from sdrt.checkpoint import detect_preset, load_single_file
+from sdrt.errors import SdrtError
+from sdrt.models import build_preset, hash_files, load_model
+from sdrt.specs import PRESETS
+from sdrt.tokenizer import builtin_tokenizer
+
+EXPECTED = {"tiny": ("sd1", "epsilon", 1), "tiny-sd2": ("sd2", "v_prediction", 1), "tiny-sdxl": ("sdxl", "epsilon", 2)}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict:
+    """preset name -> (original components, path of its LDM-layout .safetensors)."""
+    out = {}
+    for name in EXPECTED:
+        c = build_preset(PRESETS[name], seed=3)
+        path = tmp_path_factory.mktemp(name) / f"{name}-finetune.safetensors"
+        save_file(to_ldm_state_dict(c), path)
+        out[name] = (c, path)
+    return out
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_round_trip_is_exact(files, name):
+    orig, path = files[name]
+    c = load_model(str(path))
+    family, prediction, n_text = EXPECTED[name]
+    assert (c.family.value, c.prediction_type, len(c.text_encoders), len(c.tokenizers)) == (family, prediction,
+                                                                                            n_text, n_text)
+    assert c.name == f"{name}-finetune" and c.source == str(path)
+    assert c.source_hash == hash_files([path])
+    assert c.default_size == PRESETS[name].default_size and c.vae_scale == PRESETS[name].vae_scale
+    assert list(c.modules) == list(orig.modules)
+    for mod_name, m in c.modules.items():
+        want, got = orig.modules[mod_name].state_dict(), m.state_dict()
+        assert list(got) == list(want), mod_name
+        bad = [k for k in want if not torch.equal(got[k], want[k])]
+        assert not bad, f"{mod_name}: {bad[:3]}"
+        assert not m.training
+
+
+@pytest.mark.parametrize("name, want", [("sd15", "sd15"), ("sd21", "sd21"), ("sdxl", "sdxl"),
+                                        ("sd-turbo", "sd21")])  # turbo has sd21's shapes: needs arch="sd-turbo"
+def test_detects_full_size_presets(name, want):
+    with torch.device("meta"):  # the layout and shapes of the real models, without their memory
+        sd = to_ldm_state_dict(build_preset(PRESETS[name]))
+    assert detect_preset("x.safetensors", sd) == want
+
+
+def test_arch_override_and_mismatch(files):
+    _, path = files["tiny-sd2"]
+    c = load_single_file(path, arch="tiny-sd2")
+    assert c.name == "tiny-sd2-finetune"
+    with pytest.raises(SdrtError, match="does not match preset 'tiny'"):
+        load_single_file(path, arch="tiny")
+    with pytest.raises(SdrtError, match="unknown arch 'nope'"):
+        load_single_file(path, arch="nope")
+
+
+def test_tokenizer_folder_beside_file_is_used(files, tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(files["tiny"][1].read_bytes())
+    tok = builtin_tokenizer()
+    tok.add_tokens(["<sdrt-test-token>"])  # a marker the builtin tokenizer doesn't have
+    tok.save_pretrained(tmp_path / "tokenizer")
+    c = load_single_file(path)
+    assert "<sdrt-test-token>" in c.tokenizers[0].get_vocab()
+
+
+def one_line_error(path, match: str) -> str:
+    with pytest.raises(SdrtError, match=match) as e:
+        load_single_file(path)
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg
+    return msg
+
+
+def test_truncated_file(files, tmp_path):
+    path = tmp_path / "cut.safetensors"
+    path.write_bytes(files["tiny"][1].read_bytes()[:-100])
+    one_line_error(path, "not a valid safetensors file")
+
+
+def test_garbage_header(tmp_path):
+    path = tmp_path / "garbage.safetensors"
+    path.write_bytes((16).to_bytes(8, "little") + b"{not json at all" + bytes(64))
+    one_line_error(path, "not a valid safetensors file")
+    path.write_bytes(b"")
+    one_line_error(path, "not a valid safetensors file")
+
+
+def test_unrelated_keys(tmp_path):
+    path = tmp_path / "other.safetensors"
+    save_file({"encoder.layer.0.weight": torch.zeros(4, 4), "lm_head.weight": torch.zeros(2, 4)}, path)
+    one_line_error(path, r"no UNet weights \(model\.diffusion_model\.\*\) found")
+
+
+def test_missing_component_and_unknown_unet(files, tmp_path):
+    sd = to_ldm_state_dict(files["tiny"][0])
+    path = tmp_path / "novae.safetensors"
+    save_file({k: v for k, v in sd.items() if not k.startswith("first_stage_model.")}, path)
+    one_line_error(path, r"no weights under first_stage_model\.\*")
+    # An inpainting-style UNet (9 input channels) has a known width but no preset's shapes.
+    sd["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(32, 9, 3, 3)
+    save_file(sd, path)
+    msg = one_line_error(path, "matches no preset")
+    assert "closest 'tiny'" in msg and "conv_in.weight" in msg
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(SdrtError, match="no such file"):
+        load_single_file(tmp_path / "absent.safetensors")
+    with pytest.raises(SdrtError, match="neither a preset"):
+        load_model(str(tmp_path / "absent.safetensors"))
+
+
+def test_cli_info(files, tmp_path, capsys):
+    from sdrt.cli import main
+
+    path = files["tiny-sdxl"][1]
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "family:      sdxl" in out and hash_files([path])[:16] in out and "text_encoder_2" in out
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(hashlib.sha256(b"x").digest())
+    assert main(["info", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a valid safetensors file" in err and "Traceback" not in err
