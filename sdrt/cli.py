@@ -14,6 +14,10 @@ from sdrt.errors import SdrtError
 
 COMMANDS = {
     "info": "sdrt.info",
+    "bench": "sdrt.bench",
+    "export": "sdrt.export.cli",
+    "generate": "sdrt.generate",
+    "build": "sdrt.export.build_cli",
 }
 
 

@@ -1,0 +1,114 @@
+"""GPU suite: sd15 at 512x512, 30 steps, batch 1, fp16 -- diffusers vs every sdrt GPU backend -- plus the Triton
+kernel benchmarks, in under 8 minutes, into OUT/gpu_suite.{json,md,png}.
+
+    make gpu-suite OUT=DIR     on the GPU machine (torch and triton preinstalled; see the Makefile target)
+    make gpu-suite-dry         tiny sizes on the CPU: the CI smoke test of this file (tests/test_bench.py)
+
+Rows: `eager` (fp32: the drift reference), `diffusers:fp16` (the baseline users run today), `eager:fp16`,
+`torch:fp16` (sdrt's optimized PyTorch backend) and `tensorrt:fp16`. A backend that is not there (no TensorRT, the
+torch backend not written yet) is a skipped row with its reason. Rows that have not started when the time budget
+runs out are skipped too, so the suite stays inside its slot; TensorRT comes last because its engine build is the
+slowest cold start (minutes on sd15; cached in the ONNX export directory for the next run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+ROWS = ("eager", "diffusers:fp16", "eager:fp16", "torch:fp16", "tensorrt:fp16")
+KERNEL_BENCHMARKS = ("bench_attention.py", "bench_group_norm.py")  # each defines run(dry_run) -> list[dict]
+BUDGET_S = 480.0
+
+
+def suite_config(dry_run: bool, budget_s: float):
+    from sdrt.bench import BenchConfig
+
+    if dry_run:  # the same code path at sizes a CPU finishes in seconds
+        return BenchConfig("tiny", ROWS, height=64, width=64, steps=2, runs=1, warmup=1, device="cpu",
+                           budget_s=budget_s)
+    return BenchConfig("sd15", ROWS, height=512, width=512, steps=30, batch=1, runs=3, warmup=1, budget_s=budget_s)
+
+
+def run_kernel_benchmarks(dry_run: bool) -> list[dict]:
+    """Each kernel benchmark file under benchmarks/kernels, imported by path (benchmarks/ is not a package)."""
+    rows = []
+    for name in KERNEL_BENCHMARKS:
+        path = Path(__file__).parent / "kernels" / name
+        t = time.perf_counter()
+        try:
+            spec = importlib.util.spec_from_file_location(f"sdrt_{path.stem}", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            got = [dict(r, benchmark=path.stem) for r in module.run(dry_run=dry_run)]
+        except Exception as e:  # a missing or failing kernel benchmark is reported, not fatal
+            from sdrt.bench_report import one_line
+
+            got = [{"benchmark": path.stem, "skipped": one_line(e) if path.exists() else f"{path} does not exist"}]
+        print(f"{path.stem}: {len(got)} rows in {time.perf_counter() - t:.1f} s", flush=True)
+        rows += got
+    return rows
+
+
+def kernels_markdown(rows: list[dict]) -> str:
+    """One table over the union of the kernel rows' keys, in first-seen order."""
+    if not rows:
+        return ""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    cell = (lambda v: f"{v:.4g}" if isinstance(v, float) else "-" if v is None else str(v).replace("|", "/"))
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(r.get(k)) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def vs_baseline(results: list[dict], baseline: str = "diffusers:fp16") -> str:
+    """What the suite is for: each sdrt row against diffusers fp16, per UNet step and end to end."""
+    base = next((r for r in results if r["backend"] == baseline and not r.get("skipped")), None)
+    if base is None:
+        return f"({baseline} did not run: no baseline ratios)"
+    lines = [f"| backend | UNet step vs {baseline} | e2e vs {baseline} |", "|---|---|---|"]
+    for r in results:
+        if not r.get("skipped"):
+            lines.append(f"| {r['backend']} | {base['unet_step_ms'] / r['unet_step_ms']:.2f}x | "
+                         f"{base['e2e_ms']['p50'] / r['e2e_ms']['p50']:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="directory for gpu_suite.json, gpu_suite.md and gpu_suite.png")
+    p.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU (CI smoke test)")
+    p.add_argument("--budget-s", type=float, default=BUDGET_S, help=f"wall-clock budget (default {BUDGET_S:.0f})")
+    args = p.parse_args(argv)
+
+    from sdrt import bench_report
+    from sdrt.bench import run_bench
+    from sdrt.cli import quiet_libraries
+
+    quiet_libraries()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    kernels = run_kernel_benchmarks(args.dry_run)
+    # Rows may start until 75% of what is left: the last row's rounds and the report need the rest.
+    left = args.budget_s - (time.perf_counter() - started)
+    report = run_bench(suite_config(args.dry_run, 0.75 * left), log=lambda m: print(m, flush=True))
+    report["kernels"] = kernels
+    report["suite"] = {"dry_run": args.dry_run, "budget_s": args.budget_s,
+                       "wall_s": round(time.perf_counter() - started, 1)}
+    text = "\n\n".join(["## sdrt GPU suite" + (" (dry run: tiny, CPU)" if args.dry_run else ""),
+                        bench_report.markdown(report), vs_baseline(report["results"]),
+                        "### Kernels", kernels_markdown(kernels) or "(none)"])
+    (out / "gpu_suite.json").write_text(bench_report.to_json(report))
+    (out / "gpu_suite.md").write_text(text + "\n")
+    bench_report.plot(report, out / "gpu_suite.png")
+    print(text)
+    print(f"wrote {out}/gpu_suite.{{json,md,png}} in {report['suite']['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

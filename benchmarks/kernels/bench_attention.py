@@ -1,0 +1,139 @@
+"""Benchmark sdrt.kernels.attention against torch SDPA (flash backend) on Stable Diffusion's attention shapes, fp16.
+
+Work counted: the two matmuls S = Q K^T and O = P V, each Nq * Nk * d multiply-adds (2 flops) per (batch, head):
+
+    flops = 4 * B * heads * Nq * Nk * d          TFLOP/s = flops / seconds / 1e12
+
+(the softmax's exp/max/sum are not counted, as in FlashAttention's papers). H100 SXM dense fp16 peak: ~989 TFLOP/s.
+
+    python benchmarks/kernels/bench_attention.py [--json PATH]     # CUDA, full SD shapes
+    python benchmarks/kernels/bench_attention.py --dry-run         # tiny shapes; on CPU via Triton's interpreter
+
+`run(dry_run) -> list[dict]` is the entry point for the GPU suite. Times are medians of triton.testing.do_bench on
+CUDA; a dry run on CPU times one call, which only smoke-tests the script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+# (name, B, heads, Nq, Nk, d). SD 1.5 at 512px: batch 2 (classifier-free guidance), 8 heads, latents 64^2 .. 8^2,
+# 77 text tokens. SDXL: head size 64, 10/20 heads. 128^2 latents (1024px with SD 1.5's UNet): 16384 tokens.
+SHAPES = [
+    ("sd15-64x64-self", 2, 8, 4096, 4096, 40),
+    ("sd15-64x64-cross", 2, 8, 4096, 77, 40),
+    ("sd15-32x32-self", 2, 8, 1024, 1024, 80),
+    ("sd15-32x32-cross", 2, 8, 1024, 77, 80),
+    ("sd15-16x16-self", 2, 8, 256, 256, 160),
+    ("sd15-16x16-cross", 2, 8, 256, 77, 160),
+    ("sd15-8x8-self", 2, 8, 64, 64, 160),
+    ("sdxl-64x64-self", 2, 10, 4096, 4096, 64),
+    ("sdxl-32x32-self", 2, 20, 1024, 1024, 64),
+    ("sdxl-32x32-cross154", 2, 20, 1024, 154, 64),
+    ("128x128-self", 1, 8, 16384, 16384, 40),
+]
+DRY_RUN_SHAPES = [
+    ("tiny-self-d40", 1, 2, 64, 64, 40),
+    ("tiny-cross77-d80", 1, 1, 48, 77, 80),
+    ("tiny-cross154-d160", 1, 1, 32, 154, 160),
+]
+
+
+def _import_kernels():
+    """Import sdrt.kernels, under Triton's interpreter when there is no GPU (the env var must precede the import)."""
+    if not torch.cuda.is_available():
+        if "sdrt.kernels" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("sdrt.kernels was imported without TRITON_INTERPRET=1; a CPU dry run needs it set first")
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from sdrt.kernels import attention
+
+    return attention
+
+
+def _time_ms(fn, on_cuda: bool) -> float:
+    if on_cuda:
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def _sdpa(on_cuda: bool):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention
+
+    backends = [SDPBackend.FLASH_ATTENTION] if on_cuda else [SDPBackend.MATH, SDPBackend.FLASH_ATTENTION]
+
+    def sdpa(q, k, v):
+        with sdpa_kernel(backends):
+            return scaled_dot_product_attention(q, k, v)
+
+    return sdpa, "flash" if on_cuda else "cpu"
+
+
+def run(dry_run: bool) -> list[dict]:
+    on_cuda = torch.cuda.is_available()
+    if not on_cuda and not dry_run:
+        raise RuntimeError("bench_attention needs CUDA (use dry_run=True to smoke-test on CPU)")
+    attention = _import_kernels()
+    sdpa, torch_backend = _sdpa(on_cuda)
+    device = "cuda" if on_cuda else "cpu"
+    dtype = torch.float16
+    rows = []
+    for name, B, H, n_q, n_k, d in DRY_RUN_SHAPES if dry_run else SHAPES:
+        q = torch.randn(B, H, n_q, d, device=device, dtype=dtype)
+        k = torch.randn(B, H, n_k, d, device=device, dtype=dtype)
+        v = torch.randn(B, H, n_k, d, device=device, dtype=dtype)
+        err = (attention(q, k, v).float() - sdpa(q, k, v).float()).abs().max().item()
+        ms = _time_ms(lambda q=q, k=k, v=v: attention(q, k, v), on_cuda)
+        torch_ms = _time_ms(lambda q=q, k=k, v=v: sdpa(q, k, v), on_cuda)
+        flops = 4 * B * H * n_q * n_k * d
+        rows.append({
+            "kernel": "attention", "shape": name, "B": B, "heads": H, "Nq": n_q, "Nk": n_k, "d": d, "dtype": "fp16",
+            "ms": ms, "torch_ms": torch_ms, "tflops": flops / ms * 1e-9, "torch_tflops": flops / torch_ms * 1e-9,
+            "speedup": torch_ms / ms, "max_abs_err": err, "torch_backend": torch_backend,
+            "device": torch.cuda.get_device_name() if on_cuda else "cpu (triton interpreter)",
+        })
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"attention fp16 on {rows[0]['device'] if rows else '?'}; TFLOP/s = 4*B*H*Nq*Nk*d / time; torch = SDPA "
+          f"({rows[0]['torch_backend'] if rows else '?'})")
+    header = f"{'shape':<22}{'B':>3}{'H':>4}{'Nq':>7}{'Nk':>7}{'d':>5}{'ms':>10}{'TFLOP/s':>9}{'torch ms':>10}" \
+             f"{'TFLOP/s':>9}{'speedup':>9}{'max err':>10}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['shape']:<22}{r['B']:>3}{r['heads']:>4}{r['Nq']:>7}{r['Nk']:>7}{r['d']:>5}{r['ms']:>10.4f}"
+              f"{r['tflops']:>9.1f}{r['torch_ms']:>10.4f}{r['torch_tflops']:>9.1f}{r['speedup']:>8.2f}x"
+              f"{r['max_abs_err']:>10.1e}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as a JSON list to PATH")
+    parser.add_argument("--dry-run", action="store_true", help="tiny shapes; runs on CPU through Triton's interpreter")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available() and not args.dry_run:
+        print("bench_attention: CUDA is needed (try --dry-run for a CPU smoke test)")
+        return 2
+    rows = run(dry_run=args.dry_run)
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

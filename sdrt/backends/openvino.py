@@ -1,0 +1,136 @@
+"""OpenVINO backend: our exporter's ONNX graphs compiled by OpenVINO for the CPU.
+
+It reads the same fp32 ONNX folder as the onnxruntime backend (`sdrt export MODEL -o DIR`), so it doubles as the
+OpenVINO peer row in `sdrt bench`. Precision is OpenVINO's INFERENCE_PRECISION_HINT, not a different graph:
+  openvino       OpenVINO's own default for the CPU: bf16 on CPUs with AVX512-BF16 or AMX, f32 elsewhere
+  openvino:bf16  bf16 matmuls/convolutions, f32 I/O (errors out on a CPU without bf16: it would silently be f32)
+  openvino:fp32  f32 everywhere: the graph as exported, for drift checks
+Graphs are compiled once with their dynamic axes left dynamic (the CPU plugin caches its kernels per shape); with
+`static_shapes=True` each new input-shape tuple is reshaped and compiled on first use instead (slower first call,
+sometimes a faster steady state: `sdrt bench` measures both as rows if asked).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sdrt.errors import SdrtError
+
+# ONNX component file per verb; text encoder `index` 1 is SDXL's second encoder.
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+# The ONNX contract's output names per graph; ports can carry internal names beside these.
+OUTPUTS = {"text_encoder": {"last_hidden_state", "pooled_output", "penultimate_hidden_state"},
+           "text_encoder_2": {"last_hidden_state", "pooled_output", "penultimate_hidden_state"},
+           "unet": {"noise_pred"}, "vae_decoder": {"image"}, "vae_encoder": {"latent"}}
+HINTS = {None: None, "fp32": "f32", "bf16": "bf16"}  # sdrt precision -> INFERENCE_PRECISION_HINT
+
+
+def cpu_precision_default() -> str:
+    """What bare `openvino` runs at here: OpenVINO's INFERENCE_PRECISION_HINT default, as an sdrt name."""
+    import openvino as ov
+
+    hint = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()  # "bf16", "f32" or "f16"
+    return {"bf16": "bf16", "f16": "fp16"}.get(hint, "fp32")
+
+
+def create(precision=None, components=None, onnx_dir=None, device=None) -> "OpenVINOBackend":
+    """The backends' factory signature. precision None keeps OpenVINO's default (see the top of this file)."""
+    if onnx_dir is None:
+        raise SdrtError("the openvino backend reads an ONNX export: run `sdrt export MODEL -o DIR` and pass DIR")
+    if device is not None and torch.device(device).type != "cpu":
+        raise SdrtError(f"the openvino backend runs on the CPU, not {device}")
+    return OpenVINOBackend(onnx_dir, precision)
+
+
+class _Graph:
+    """One ONNX graph compiled for the CPU: torch tensors in, torch tensors out (named by the ONNX outputs)."""
+
+    def __init__(self, core, path: Path, config: dict, static_shapes: bool, outputs: set[str]):
+        self.core, self.path, self.config, self.outputs = core, path, config, outputs
+        self.by_shape: dict[tuple, tuple] = {}  # static mode: input shapes -> (compiled model, infer request)
+        # Dynamic mode compiles straight from the file, so no second copy of the weights stays behind in an ov.Model.
+        self.dynamic = None if static_shapes else self._compile(None)
+
+    def _compile(self, shapes: dict | None) -> tuple:
+        model = str(self.path)
+        if shapes:
+            model = self.core.read_model(model)
+            model.reshape(shapes)
+        compiled = self.core.compile_model(model, "CPU", self.config)
+        return compiled, compiled.create_infer_request()
+
+    def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.dynamic:
+            compiled, request = self.dynamic
+        else:
+            key = tuple((n, tuple(t.shape)) for n, t in sorted(inputs.items()))
+            if key not in self.by_shape:
+                self.by_shape[key] = self._compile({n: list(shape) for n, shape in key})
+            compiled, request = self.by_shape[key]
+        # numpy in the graph's own element types (int64 ids, f32 tensors), in the graph's input order. A port can
+        # carry several tensor names once OpenVINO has folded a reshaped graph, so match on the set of them.
+        arrays = [inputs[_name(p, inputs)].detach().cpu().numpy().astype(p.get_element_type().to_dtype(), copy=False)
+                  for p in compiled.inputs]
+        result = request.infer(arrays, share_inputs=True)  # outputs come back as fresh copies (share_outputs=False)
+        return {_name(p, self.outputs): torch.from_numpy(result[p]) for p in compiled.outputs}
+
+
+def _name(port, contract) -> str:
+    """The port's name among the contract's I/O names (a port may carry internal tensor names too)."""
+    names = port.get_names() & set(contract)
+    if not names:
+        raise SdrtError(f"the OpenVINO graph has a port {port.get_any_name()} that is not one of {', '.join(contract)}")
+    return names.pop()
+
+
+class OpenVINOBackend:
+    name = "openvino"
+    size_multiple = 8  # the VAE's 8x; the graphs keep their latent axes dynamic
+
+    def __init__(self, onnx_dir: str | Path, precision=None, static_shapes: bool = False):
+        try:
+            import openvino as ov
+        except ImportError:
+            raise SdrtError("the openvino backend needs OpenVINO: pip install 'sdrt[openvino]'") from None
+        from sdrt.export.onnx_manifest import load_manifest
+
+        precision = getattr(precision, "value", precision)
+        if precision not in HINTS:
+            raise SdrtError(f"openvino runs fp32 or bf16 on the CPU, not {precision}")
+        core = ov.Core()
+        if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            raise SdrtError("openvino:bf16 needs a CPU with AVX512-BF16 or AMX (this one has neither)")
+        self.onnx_dir = Path(onnx_dir)
+        # File sizes only: hashing a 3.4 GB UNet on every start is too slow. txt2img needs no VAE encoder.
+        manifest = load_manifest(self.onnx_dir, require=["unet", "vae_decoder"], verify_hashes=False)
+        if manifest["precision"] != "fp32":
+            raise SdrtError(f"{onnx_dir}: openvino reads the fp32 export (this one is {manifest['precision']}); "
+                            "pick its precision with openvino:bf16 instead")
+        config = {"PERFORMANCE_HINT": "LATENCY"}  # one request at a time, all cores on it
+        if HINTS[precision]:
+            config["INFERENCE_PRECISION_HINT"] = HINTS[precision]
+        self.precision = precision or cpu_precision_default()
+        self.device, self.dtype = torch.device("cpu"), torch.float32  # I/O is f32 whatever runs inside
+        self.graphs = {name: _Graph(core, self.onnx_dir / entry["file"], config, static_shapes, OUTPUTS[name])
+                       for name, entry in manifest["components"].items() if name in OUTPUTS}
+
+    def _graph(self, name: str) -> _Graph:
+        if name not in self.graphs:
+            raise SdrtError(f"{self.onnx_dir}: the export has no {name} graph")
+        return self.graphs[name]
+
+    def text_encoder(self, index: int, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self._graph(TEXT_ENCODERS[index])(input_ids=input_ids)
+
+    def unet(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None) -> torch.Tensor:
+        extra = {} if text_embeds is None else dict(text_embeds=text_embeds, time_ids=time_ids)
+        return self._graph("unet")(sample=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
+                                   **extra)["noise_pred"]
+
+    def vae_decoder(self, latent) -> torch.Tensor:
+        return self._graph("vae_decoder")(latent=latent)["image"]
+
+    def vae_encoder(self, image) -> torch.Tensor:
+        return self._graph("vae_encoder")(image=image)["latent"]

@@ -1,0 +1,119 @@
+"""Optimized PyTorch: the eager modules after sdrt's passes, plus the whole denoising loop as one CUDA graph.
+
+    UNet, VAE   to_precision -> use_sdrt_attention (fused QKV, Triton flash attention) -> use_sdrt_group_norm (Triton
+                GroupNorm, SiLU fused) -> to_channels_last; inputs are made channels-last at each verb.
+    denoise     an extra verb: the pipeline hands it the whole loop (UNet, guidance, scheduler step, every step). On
+                CUDA it is captured once per bucket (batch, resolution, steps, scheduler) and replayed
+                (sdrt.loop.CapturedLoop); on CPU the same code runs uncaptured.
+    text encoders run as in the eager backend (once per image; not worth a pass).
+
+The passes edit the given components' modules in place (as the eager backend's .to() moves them in place): build
+one backend per loaded model. Hardware-dependent defaults are resolved in one place, TorchOptions.resolve: on CUDA
+everything is on; on CPU the Triton kernels (which only run there under TRITON_INTERPRET=1, thousands of times
+slower) and graphs are off, and the same module structure computes with SDPA and F.group_norm.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+import torch
+
+from sdrt import passes
+from sdrt.backends import Precision
+from sdrt.backends.eager import EagerBackend
+from sdrt.errors import SdrtError
+from sdrt.loop import CapturedLoop, bucket_key, denoise_loop
+
+
+@dataclass(frozen=True)
+class TorchOptions:
+    kernels: bool | None = None     # sdrt's Triton attention and GroupNorm(+SiLU); None: on CUDA only
+    fuse_qkv: bool = True           # one projection GEMM for q/k/v (self) and k/v (cross)
+    channels_last: bool = True
+    cuda_graph: bool | None = None  # capture the whole denoising loop per bucket; None: on CUDA only
+
+    def resolve(self, device: torch.device) -> TorchOptions:
+        cuda = device.type == "cuda"
+        opts = replace(self, kernels=cuda if self.kernels is None else self.kernels,
+                       cuda_graph=cuda if self.cuda_graph is None else self.cuda_graph)
+        if opts.cuda_graph and not cuda:
+            raise SdrtError("CUDA graphs need a CUDA device")
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # read by triton at import: set before starting
+        if opts.kernels and not cuda and not interpreted:
+            raise SdrtError("sdrt's Triton kernels run on CPU only under Triton's interpreter: "
+                            "set TRITON_INTERPRET=1 before starting, or turn kernels off")
+        if opts.kernels and cuda and interpreted:  # Python-speed kernels, host copies: not capturable either
+            raise SdrtError("TRITON_INTERPRET=1 would run sdrt's kernels in Triton's interpreter on the GPU: "
+                            "unset it (or set 0) before starting")
+        return opts
+
+
+def create(precision: Precision | None, components=None, onnx_dir=None, device=None,
+           options: TorchOptions | None = None):
+    if precision is None:  # the optimized path's point is fp16 on a GPU; on CPU it must match eager in fp32
+        on_cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
+        precision = Precision.FP16 if on_cuda else Precision.FP32
+    if components is None:
+        raise SdrtError("the torch backend needs the model's PyTorch weights (components)")
+    if precision is Precision.INT8:
+        raise SdrtError("the torch backend runs fp32, fp16 or bf16; int8 needs onnxruntime or tensorrt")
+    return TorchBackend(components, precision, device, options)
+
+
+class TorchBackend(EagerBackend):
+    name = "torch"
+
+    def __init__(self, components, precision: Precision = Precision.FP32, device=None,
+                 options: TorchOptions | None = None):
+        super().__init__(components, precision, device)  # moves and casts the modules (to_precision)
+        self.options = (options or TorchOptions()).resolve(self.device)
+        o = self.options
+        self.memory_format = torch.channels_last if o.channels_last else torch.contiguous_format
+        for m in (self.unet_module, self.vae):
+            passes.use_sdrt_attention(m, kernel=o.kernels, fuse_qkv=o.fuse_qkv)
+            passes.use_sdrt_group_norm(m, kernel=o.kernels)
+            if o.channels_last:
+                passes.to_channels_last(m)
+        self.graphs: dict[tuple, CapturedLoop] = {}  # bucket_key -> captured loop
+
+    def _in(self, x: torch.Tensor, dtype) -> torch.Tensor:
+        return x.to(self.device, dtype).contiguous(memory_format=self.memory_format)
+
+    @torch.inference_mode()
+    def unet(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None) -> torch.Tensor:
+        return super().unet(self._in(sample, self.dtype), timestep, encoder_hidden_states, text_embeds, time_ids)
+
+    def _unet_fp32(self, *args) -> torch.Tensor:  # the loop combines guidance and steps in fp32
+        return self.unet(*args).float()
+
+    @torch.inference_mode()
+    def vae_decoder(self, latent: torch.Tensor) -> torch.Tensor:
+        return super().vae_decoder(self._in(latent, self.vae_dtype))
+
+    @torch.inference_mode()
+    def vae_encoder(self, image: torch.Tensor) -> torch.Tensor:
+        return super().vae_encoder(self._in(image, self.vae_dtype))
+
+    @torch.inference_mode()
+    def denoise(self, latents, encoder_hidden_states, sched, guidance: float, text_embeds=None, time_ids=None,
+                noise=None) -> torch.Tensor:
+        """The pipeline's whole denoising loop (sdrt.loop.denoise_loop) -> final latents (N, 4, h, w) fp32.
+
+        latents (N, 4, h, w): the initial noisy latents. encoder_hidden_states (2N, 77, C) [uncond; cond] when
+        guidance > 1, else (N, 77, C). noise (S, N, 4, h, w): every step's z_i, pre-drawn (stochastic schedules).
+        """
+        dev = self.device
+        args = {"latents": latents.to(dev, torch.float32), "embeds": encoder_hidden_states.to(dev, self.dtype),
+                "sched": sched.to(dev), "guidance": float(guidance),
+                "text_embeds": None if text_embeds is None else text_embeds.to(dev, self.dtype),
+                "time_ids": None if time_ids is None else time_ids.to(dev, self.dtype),
+                "noise": None if noise is None else noise.to(dev, torch.float32)}
+        unet = self._unet_fp32
+        if not self.options.cuda_graph:
+            return denoise_loop(unet, **args)
+        key = bucket_key(**{k: v for k, v in args.items() if k != "guidance"})
+        if key not in self.graphs:
+            self.graphs[key] = CapturedLoop(unet, **args)
+        return self.graphs[key](**args)

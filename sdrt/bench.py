@@ -1,0 +1,200 @@
+"""`sdrt bench MODEL --backends eager,onnxruntime,openvino,...`: every backend side by side, in one process.
+
+Protocol (why it is shaped this way: a shared, noisy machine must still give honest ratios):
+  1. The reference row `eager` (fp32) is always run, first (added when not asked for): speedups and drift are
+     against it, and its weights give every row the same tokenized prompt and stage inputs.
+  2. Each row is set up alone: load weights, export ONNX (cached across runs), build the runtime, then `--warmup`
+     generations. Its peak memory is measured over exactly that: peak RSS above the RSS before it (CPU), or the CUDA
+     peak allocation (GPU). The first generation's image and latents give the drift against the reference.
+  3. Then `--runs` rounds. In each round every live row, in turn (order reversed on odd rounds), times each stage
+     once on the same inputs (text encoder, one UNet step at the CFG batch, VAE decode) and one full generation.
+     Rows alternate within a round, so a load spike from a neighbour hits every row alike. `--sequential` instead
+     finishes and frees each row before the next (for models whose rows do not fit in memory together).
+Stage times are medians over rounds; end-to-end has p50/p90/p99 (linear interpolation: with 3 runs p99 is ~max).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+from sdrt.errors import SdrtError
+
+HELP = "benchmark backends side by side: per-stage latency, end-to-end percentiles, cold start, memory, drift"
+DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str
+    backends: tuple[str, ...] = ("eager", "onnxruntime")
+    height: int | None = None       # None: the model's default size
+    width: int | None = None
+    steps: int | None = None        # None: the model's default
+    batch: int = 1                  # images per prompt; the UNet runs 2x that with CFG
+    guidance: float = 7.5
+    runs: int = 3
+    warmup: int = 1
+    seed: int = 0
+    prompt: str = DEFAULT_PROMPT
+    device: str | None = None       # None: CUDA when present, else CPU
+    sequential: bool = False
+    budget_s: float | None = None   # rows not started after this many seconds are skipped (the GPU suite's clock)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("model", metavar="MODEL", help="preset (tiny, sd15, ...), diffusers folder or .safetensors file")
+    p.add_argument("--backends", default="eager,onnxruntime", help="comma-separated rows, each NAME[:PRECISION]: "
+                   "eager, onnxruntime, openvino, torch, tensorrt, or the peers diffusers and torch.compile "
+                   "(default: eager,onnxruntime; eager fp32 is always added as the reference)")
+    p.add_argument("--height", type=int, help="pixels (default: the model's size)")
+    p.add_argument("--width", type=int, help="pixels (default: the model's size)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    p.add_argument("--batch", type=int, default=1, help="images per prompt (default 1)")
+    p.add_argument("--guidance", type=float, default=7.5, help="CFG scale; > 1 doubles the UNet batch (default 7.5)")
+    p.add_argument("--runs", type=int, default=3, help="timed rounds per row (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed generations per row first (default 1, min 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--sequential", action="store_true", help="run rows one after another, freeing each (less "
+                   "memory; ratios then depend on the machine staying equally busy)")
+    p.add_argument("--json", metavar="PATH", help="write the full report as JSON")
+    p.add_argument("--markdown", metavar="PATH", help="write the table as Markdown")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG of per-stage latency by backend")
+
+
+def config_from_args(args) -> BenchConfig:
+    backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
+    if not backends:
+        raise SdrtError("--backends is empty")
+    if args.runs < 1 or args.warmup < 1:
+        raise SdrtError("--runs and --warmup must be >= 1 (the first warm-up generation gives the drift)")
+    return BenchConfig(args.model, backends, args.height, args.width, args.steps, args.batch, args.guidance,
+                       args.runs, args.warmup, args.seed, args.prompt, args.device, args.sequential)
+
+
+def run(args) -> int:
+    from sdrt import bench_report
+
+    cfg = config_from_args(args)
+    report = run_bench(cfg, log=lambda msg: print(msg, flush=True))
+    print()
+    print(bench_report.markdown(report))
+    bench_report.write(report, json_path=args.json, markdown_path=args.markdown, plot_path=args.plot)
+    return 0
+
+
+def command_line(cfg: BenchConfig) -> str:
+    """The `sdrt bench` command that reproduces this configuration (recorded in the report)."""
+    parts = ["sdrt bench", cfg.model, "--backends", ",".join(cfg.backends)]
+    for flag in ("height", "width", "steps", "batch", "guidance", "runs", "warmup", "seed", "device"):
+        value = getattr(cfg, flag)
+        if value is not None and value != getattr(BenchConfig, flag):
+            parts += [f"--{flag}", str(value)]
+    if cfg.prompt != DEFAULT_PROMPT:
+        parts += ["--prompt", repr(cfg.prompt)]
+    return " ".join(parts + (["--sequential"] if cfg.sequential else []))
+
+
+def run_bench(cfg: BenchConfig, log=print) -> dict:
+    """Run every row of `cfg` and return the report: {"config", "command", "env", "request", "results": [...]}."""
+    import torch
+
+    from sdrt import bench_report
+    from sdrt.backends import default_device
+    from sdrt.bench_rows import Context, PeakMemory, is_reference, parse_row, setup_row, stage_inputs, unet_flops
+    from sdrt.models import load_model
+    from sdrt.pipeline import GenerationRequest, ModelInfo, Pipeline
+
+    started = time.perf_counter()
+    device = default_device(cfg.device)
+    names = list(dict.fromkeys(cfg.backends))
+    if not any(n.strip().lower() in ("eager", "eager:fp32") for n in names):
+        names.insert(0, "eager")
+    names.sort(key=lambda n: n.strip().lower() not in ("eager", "eager:fp32"))  # the reference first
+
+    log(f"loading {cfg.model} (the eager fp32 reference)")
+    t = time.perf_counter()
+    with PeakMemory(device) as ref_mem:
+        components = load_model(cfg.model, seed=cfg.seed)
+    load_s = time.perf_counter() - t
+    info = ModelInfo.from_components(components)
+    request = Pipeline(info, components.tokenizers, None).resolve(GenerationRequest(
+        prompt=cfg.prompt, steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed, height=cfg.height,
+        width=cfg.width, batch=cfg.batch))
+    inputs = stage_inputs(components, request.batch, request.height, request.width, cfg.prompt,
+                          cfg=request.guidance > 1.0, seed=cfg.seed)
+    ctx = Context(cfg.model, device, info, list(components.tokenizers), request, cfg.seed)
+
+    results, live, reference, flops = [], [], None, None
+    for name in names:
+        result = {"backend": name, "skipped": None}
+        results.append(result)
+        if cfg.budget_s is not None and time.perf_counter() - started > cfg.budget_s:
+            result["skipped"] = f"out of the {cfg.budget_s:.0f} s time budget"
+            continue
+        log(f"[{name}] setting up")
+        try:
+            spec = parse_row(name)
+            is_ref = reference is None and is_reference(spec)
+            with PeakMemory(device) as mem:
+                row = setup_row(spec, ctx, components if is_ref else None)
+                t = time.perf_counter()
+                first = row.generate(request)
+                for _ in range(cfg.warmup - 1):
+                    row.generate(request)
+                row.cold_s["warmup"] = time.perf_counter() - t
+        except Exception as e:  # a row that cannot run says why and never breaks the table
+            if reference is None and name == names[0]:
+                raise
+            result["skipped"] = bench_report.one_line(e)
+            log(f"[{name}] skipped: {result['skipped']}")
+            continue
+        if is_ref:
+            reference, flops = first, unet_flops(row.backend, inputs.to(row.device))
+            row.cold_s["load"] = load_s
+            mem.include(ref_mem)  # its weights were loaded before the row began
+            components = None  # the eager row holds the modules now; nothing else keeps them
+        result.update(bench_report.describe_row(row, mem, device))
+        result.update(bench_report.drift(first, reference, is_ref))
+        row.samples = {k: [] for k in ("text_encoder_ms", "unet_step_ms", "vae_decode_ms", "e2e_ms",
+                                       "pipeline_unet_step_ms")}
+        row.result, row.inputs = result, inputs.to(row.device)
+        if cfg.sequential:
+            measure([row], request, cfg.runs, log)
+            row = first = None  # nothing keeps the runtime: the next row's memory baseline starts clean
+        else:
+            live.append(row)
+    measure(live, request, cfg.runs, log)
+    bench_report.add_speedups(results, flops)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return {"config": asdict(cfg), "command": command_line(cfg), "env": bench_report.environment(device),
+            "request": {k: getattr(request, k) for k in ("steps", "guidance", "scheduler", "seed", "height", "width",
+                                                         "batch")} | {"prompt": cfg.prompt,
+                                                                      "unet_gflop_per_step": flops and flops / 1e9},
+            "wall_s": round(time.perf_counter() - started, 1), "results": results}
+
+
+def measure(rows: list, request, runs: int, log) -> None:
+    """`runs` rounds over `rows`: per row one sample of each stage and one end-to-end generation; then summarize
+    into each row's result and release the row."""
+    from sdrt.bench_rows import release_memory, time_stages
+
+    for r in range(runs):
+        for row in rows if r % 2 == 0 else rows[::-1]:  # alternate the order: no row always runs after another
+            for k, v in time_stages(row.backend, row.inputs, row.device).items():
+                row.samples[k].append(v)
+            out = row.generate(request)
+            row.samples["e2e_ms"].append(out.timings["total_ms"])
+            row.samples["pipeline_unet_step_ms"] += list(out.timings.get("unet_ms", []))
+        if rows:
+            log(f"round {r + 1}/{runs}: " + ", ".join(f"{row.spec.name} {row.samples['e2e_ms'][-1]:.0f} ms"
+                                                       for row in rows))
+    from sdrt import bench_report
+
+    for row in rows:
+        row.result.update(bench_report.summarize(row.samples, request))
+    rows.clear()  # the rows' runtimes go with the last references to them
+    release_memory()

@@ -1,0 +1,231 @@
+"""`sdrt bench` report: row summaries, drift, environment, and the JSON / Markdown / PNG outputs.
+
+Row fields (the README documents the schema): stage medians in ms, `e2e_ms` percentiles, throughput, speedups
+against the eager fp32 row, cold-start seconds, peak memory and drift. `psnr_vs_eager` is null for the reference
+row itself and for a row whose image is bit-identical to it (PSNR would be infinite; `latent_max_abs_vs_eager` is
+then 0.0); JSON has no infinity.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+STAGES = ("text_encoder_ms", "unet_step_ms", "vae_decode_ms")
+STAGE_LABELS = {"text_encoder_ms": "text encoder", "unet_step_ms": "UNet step (CFG batch)",
+                "vae_decode_ms": "VAE decode"}
+PACKAGES = {"torch": ("torch",), "onnxruntime": ("onnxruntime", "onnxruntime-gpu"), "openvino": ("openvino",),
+            "diffusers": ("diffusers",), "transformers": ("transformers",), "triton": ("triton",),
+            "tensorrt": ("tensorrt", "tensorrt-cu12", "tensorrt-cu13"), "numpy": ("numpy",), "sdrt": ("sdrt",)}
+
+
+def one_line(e: BaseException) -> str:
+    text = (str(e).strip().splitlines() or [""])[0][:300]
+    return text if type(e).__name__ == "SdrtError" else f"{type(e).__name__}: {text}"
+
+
+def describe_row(row, mem, device) -> dict:
+    """What a row is and what setting it up cost (time, memory)."""
+    on_gpu = row.device.type == "cuda"
+    return {"kind": row.spec.kind, "precision": row.precision, "device": str(row.device),
+            "cold_start_s": {k: None if v is None else round(v, 2) for k, v in row.cold_s.items()},
+            # GPU rows: the CUDA peak allocation; CPU rows: peak RSS above the process's RSS before the row began.
+            "peak_mem_mb": mem.cuda_mb if on_gpu else mem.rss_mb, "peak_rss_mb": mem.rss_mb,
+            "peak_cuda_mb": mem.cuda_mb, "notes": list(row.notes)}
+
+
+def drift(out, reference, is_reference: bool) -> dict:
+    """Image PSNR (pixels in [0, 1]) and latent max-abs against the eager fp32 reference's first generation."""
+    if is_reference or reference is None:
+        return {"psnr_vs_eager": None, "latent_max_abs_vs_eager": None}
+    from sdrt.image import psnr
+
+    pixels = np.asarray(out.pixels, dtype=np.float32)
+    diff = (out.latents.float().cpu() - reference.latents.float().cpu()).abs().max().item()
+    if not (np.isfinite(pixels).all() and np.isfinite(diff)):  # e.g. fp16 overflow: say so, JSON has no NaN
+        return {"psnr_vs_eager": None, "latent_max_abs_vs_eager": None, "nonfinite_output": True}
+    db = psnr(pixels, np.asarray(reference.pixels, dtype=np.float32), peak=1.0)
+    return {"psnr_vs_eager": None if db == float("inf") else round(db, 2), "latent_max_abs_vs_eager": diff}
+
+
+def percentile(xs, q: float) -> float | None:
+    return float(np.percentile(np.asarray(xs, dtype=np.float64), q)) if len(xs) else None
+
+
+def summarize(samples: dict, request) -> dict:
+    """Medians of the stage samples, end-to-end percentiles, and the throughput they imply."""
+    out = {k: round(percentile(samples[k], 50), 2) for k in STAGES}
+    e2e = samples["e2e_ms"]
+    out["e2e_ms"] = {f"p{q}": round(percentile(e2e, q), 1) for q in (50, 90, 99)}
+    step = percentile(samples["pipeline_unet_step_ms"], 50)
+    out["pipeline_unet_step_ms"] = None if step is None else round(step, 2)  # inside generate(): a cross-check
+    out["steps_per_s"] = round(1e3 / out["unet_step_ms"], 3)  # denoising steps (UNet at the CFG batch) per second
+    out["images_per_s"] = round(len(request.prompts) * request.batch * 1e3 / out["e2e_ms"]["p50"], 4)
+    out["samples"] = {k: [round(v, 2) for v in vs] for k, vs in samples.items()}
+    return out
+
+
+def add_speedups(results: list, unet_flops: int | None = None) -> None:
+    """speedup = eager fp32 time / row time, per UNet step and end to end (p50); the reference row is first.
+    unet_tflops: the UNet step's FLOPs (counted on eager) over the row's step time: achieved TFLOP/s."""
+    ref = next((r for r in results if not r.get("skipped") and "unet_step_ms" in r), None)
+    for r in results:
+        ok = ref is not None and not r.get("skipped") and "unet_step_ms" in r
+        r["unet_tflops"] = round(unet_flops / r["unet_step_ms"] / 1e9, 4) if ok and unet_flops else None
+        r["speedup_unet_vs_eager"] = round(ref["unet_step_ms"] / r["unet_step_ms"], 3) if ok else None
+        r["speedup_e2e_vs_eager"] = round(ref["e2e_ms"]["p50"] / r["e2e_ms"]["p50"], 3) if ok else None
+
+
+def environment(device) -> dict:
+    """Device, library versions and git revision: what a number in the table was measured on."""
+    from importlib import metadata
+
+    import torch
+
+    versions = {}
+    for key, dists in PACKAGES.items():
+        for dist in dists:
+            try:
+                versions[key] = metadata.version(dist)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+    cpu = next((line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines()
+                if line.startswith("model name")), platform.processor() or None)
+    return {"device": str(device), "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            # 1/5/15-minute load averages when the report was written: above cpu_count, neighbours shared the cores
+            "load_avg": [round(x, 2) for x in os.getloadavg()],
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "python": platform.python_version(), "platform": platform.platform(), "versions": versions,
+            "git": git_revision()}
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def git_revision() -> str | None:
+    """HEAD of the sdrt checkout, with "+dirty" when the tree has changes; None outside a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (rev + ("+dirty" if dirty else "")) or None
+
+
+# ---- outputs ----------------------------------------------------------------------------------------------------
+
+def _ms(v) -> str:
+    return "-" if v is None else f"{v:.1f}" if v < 100 else f"{v:.0f}"
+
+
+def _x(v) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def markdown(report: dict) -> str:
+    """The table for an issue: one line per row, skipped rows with their reason, then where it ran."""
+    q, env = report["request"], report["env"]
+    gflop = q.get("unet_gflop_per_step")
+    head = (f"**{report['config']['model']}** {q['width']}x{q['height']}, {q['steps']} steps ({q['scheduler']}), "
+            f"batch {q['batch']}, guidance {q['guidance']} (UNet batch {q['batch'] * (2 if q['guidance'] > 1 else 1)}"
+            + (f", {gflop:.1f} GFLOP per UNet step" if gflop else "") + f"), {report['config']['runs']} runs")
+    cols = ["backend", "precision", "text enc ms", "UNet step ms", "VAE dec ms", "e2e p50 ms", "e2e p90 ms",
+            "UNet vs eager", "e2e vs eager", "UNet TFLOP/s", "peak MB", "PSNR vs eager dB", "latent max-abs", "cold start s"]
+    lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in report["results"]:
+        if r.get("skipped"):
+            lines.append(f"| {r['backend']} | skipped: {r['skipped'].replace('|', '/')} |" + " |" * (len(cols) - 2))
+            continue
+        cold = r["cold_start_s"]
+        cold_text = " ".join(f"{k} {v:.1f}" for k, v in cold.items() if v is not None)
+        lma = r["latent_max_abs_vs_eager"]
+        if r.get("nonfinite_output"):
+            psnr = lma = "NaN/inf output"
+        elif lma is None:
+            psnr = lma = "ref"
+        else:
+            psnr = "identical" if r["psnr_vs_eager"] is None else f"{r['psnr_vs_eager']:.1f}"
+            lma = f"{lma:.2e}"
+        lines.append("| " + " | ".join([
+            r["backend"], r["precision"] or "-", _ms(r["text_encoder_ms"]), _ms(r["unet_step_ms"]),
+            _ms(r["vae_decode_ms"]), _ms(r["e2e_ms"]["p50"]), _ms(r["e2e_ms"]["p90"]), _x(r["speedup_unet_vs_eager"]),
+            _x(r["speedup_e2e_vs_eager"]), "-" if r["unet_tflops"] is None else f"{r['unet_tflops']:.3f}",
+            _ms(r["peak_mem_mb"]), psnr, lma,
+            cold_text]) + " |")
+    v = env["versions"]
+    lines += ["", f"Device: {env['gpu'] or env['cpu']} ({env['cpu_count']} CPUs, torch threads "
+                  f"{env['torch_threads']}, load average {env['load_avg'][0]}); "
+              + ", ".join(f"{k} {v[k]}" for k in PACKAGES if k in v)
+              + f"; git {env['git']}.", "", f"`{report['command']}`"]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path) -> Path:
+    """Per-stage latency by backend: one panel per stage, one bar per row, labelled with ms and x vs eager."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display; set before pyplot is imported
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["results"] if not r.get("skipped")]
+    names = [r["backend"] for r in rows]
+    fig, axes = plt.subplots(1, len(STAGES), figsize=(4.5 * len(STAGES), 1.2 + 0.45 * len(rows)), squeeze=False)
+    for ax, stage in zip(axes[0], STAGES):
+        ms = [r[stage] for r in rows]
+        ax.barh(names, ms, color=["#888888" if i == 0 else "#3b75af" for i in range(len(rows))])
+        ref = ms[0] if ms else None
+        for i, v in enumerate(ms):
+            ax.text(v, i, f" {_ms(v)}" + (f" ({ref / v:.2f}x)" if ref and i else ""), va="center", fontsize=8)
+        ax.set_title(STAGE_LABELS[stage], fontsize=10)
+        ax.set_xlabel("ms (median)")
+        ax.invert_yaxis()
+        ax.set_xlim(0, max(ms) * 1.45 if ms else 1)
+    q = report["request"]
+    fig.suptitle(f"{report['config']['model']} {q['width']}x{q['height']}, batch {q['batch']} on "
+                 f"{report['env']['gpu'] or report['env']['cpu']}", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def to_json(report: dict) -> str:
+    """Strict JSON: a non-finite float (a kernel's NaN, an inf PSNR) becomes null; odd types become strings."""
+    def clean(v):
+        if isinstance(v, float):
+            return v if np.isfinite(v) else None
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v if v is None or isinstance(v, (str, int, bool)) else clean(float(v)) if isinstance(
+            v, np.floating) else str(v)
+
+    return json.dumps(clean(report), indent=2, allow_nan=False) + "\n"
+
+
+def write(report: dict, json_path=None, markdown_path=None, plot_path=None) -> None:
+    for p in (json_path, markdown_path, plot_path):
+        if p:
+            Path(p).parent.mkdir(parents=True, exist_ok=True)
+    if json_path:
+        Path(json_path).write_text(to_json(report))
+    if markdown_path:
+        Path(markdown_path).write_text(markdown(report) + "\n")
+    if plot_path:
+        plot(report, plot_path)

@@ -1,0 +1,378 @@
+"""`sdrt bench` rows: a row name becomes a live runtime (four backend verbs + a generate function) and the clocks.
+
+A row is `NAME[:PRECISION]`: an sdrt backend (`eager`, `onnxruntime:int8`, `openvino`, `tensorrt:fp16`, ...) or a
+peer that is not sdrt's own code path:
+  diffusers      diffusers' own StableDiffusion[XL]Pipeline on the same weights: the eager row's twin
+  torch.compile  the eager backend with its modules under torch.compile (inductor)
+A bare NAME runs the backend's default precision (fp32; OpenVINO's own default, bf16 on an AVX512-BF16 CPU).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sdrt.errors import SdrtError
+
+PEERS = ("diffusers", "torch.compile")
+ONNX_BACKENDS = ("onnxruntime", "openvino", "tensorrt")
+# sdrt scheduler name -> the diffusers class and the options sdrt fixes for it (sdrt.schedulers._FORCED).
+DIFFUSERS_SCHEDULERS = {"ddim": ("DDIMScheduler", {}), "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+                        "euler": ("EulerDiscreteScheduler", {}), "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+                        "dpmpp-2m": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": False}),
+                        "dpmpp-2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+                        "lcm": ("LCMScheduler", {})}
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    name: str             # as asked on the command line
+    kind: str             # a Backend value or a peer name
+    precision: str | None  # None: the backend's own default (the row reports what that was)
+
+
+def parse_row(name: str) -> RowSpec:
+    from sdrt.backends import Precision, parse_spec
+
+    kind, _, prec = name.strip().lower().partition(":")
+    if kind in PEERS:
+        try:
+            return RowSpec(name, kind, Precision(prec or "fp32").value)
+        except ValueError:
+            raise SdrtError(f"unknown precision {prec!r} in {name!r}") from None
+    spec = parse_spec(name)  # SdrtError for an unknown backend or precision
+    return RowSpec(name, spec.backend.value, spec.precision.value if spec.precision else None)
+
+
+def is_reference(spec: RowSpec) -> bool:
+    """eager at fp32 (its default): the row every other row is compared to."""
+    return spec.kind == "eager" and spec.precision in (None, "fp32")
+
+
+@dataclass
+class LiveRow:
+    """A row that is set up: the stage benchmark calls `backend`'s verbs, the end-to-end one calls `generate`."""
+
+    spec: RowSpec
+    backend: object
+    generate: object          # GenerationRequest -> result with .pixels, .latents, .timings
+    device: torch.device
+    precision: str
+    cold_s: dict = field(default_factory=dict)  # load, export, build, warmup (seconds; None: not this row's cost)
+    notes: list = field(default_factory=list)
+    inputs: object = None                        # StageInputs on this row's device
+    samples: dict = field(default_factory=dict)  # ms lists, one entry per round
+    result: dict = field(default_factory=dict)   # the row's line in the report, filled as it runs
+
+
+# ---- stage inputs: what the pipeline feeds each network, at the CFG batch, identical for every row ----------------
+
+@dataclass
+class StageInputs:
+    input_ids: list           # per text encoder: (P, 77) int64, P = 2 prompts [negative; prompt] with CFG
+    sample: torch.Tensor      # (2B, 4, h, w) float32
+    timestep: torch.Tensor    # (2B,) float32
+    encoder_hidden_states: torch.Tensor  # (2B, 77, C)
+    text_embeds: torch.Tensor | None     # SDXL: (2B, P2) pooled text embeds
+    time_ids: torch.Tensor | None        # SDXL: (2B, 6)
+    latent: torch.Tensor      # (B, 4, h, w): the VAE decoder's input
+
+    def to(self, device) -> "StageInputs":
+        move = (lambda t: None if t is None else t.to(device))
+        return StageInputs([ids.to(device) for ids in self.input_ids], *(move(getattr(self, k)) for k in
+                           ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids", "latent")))
+
+
+def stage_inputs(components, batch: int, height: int, width: int, prompt: str, cfg: bool = True,
+                 seed: int = 0) -> StageInputs:
+    """Seeded inputs with the shapes the pipeline uses (values do not change the timings of dense networks)."""
+    g = torch.Generator("cpu").manual_seed(seed)
+    texts = ["", prompt] if cfg else [prompt]
+    ids = [tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids.to(torch.int64) for tok in components.tokenizers]
+    cfgu = components.unet.config
+    n, lh, lw = (2 if cfg else 1) * batch, height // 8, width // 8
+    sdxl = getattr(cfgu, "addition_embed_type", None) == "text_time"
+    pooled = cfgu.projection_class_embeddings_input_dim - 6 * cfgu.addition_time_embed_dim if sdxl else 0
+    return StageInputs(
+        ids, torch.randn(n, cfgu.in_channels, lh, lw, generator=g), torch.full((n,), 500.0),
+        torch.randn(n, ids[0].shape[1], cfgu.cross_attention_dim, generator=g),
+        torch.randn(n, pooled, generator=g) if sdxl else None,
+        torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).repeat(n, 1) if sdxl else None,
+        torch.randn(batch, cfgu.in_channels, lh, lw, generator=g))
+
+
+def sync(device) -> None:
+    if device.type == "cuda":  # kernels are asynchronous: wait so each stage gets its own time
+        torch.cuda.synchronize(device)
+
+
+def time_stages(backend, x: StageInputs, device) -> dict[str, float]:
+    """One sample of each stage, in ms. SDXL's text encoder time is both encoders together."""
+    def clock(fn) -> float:
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        return (time.perf_counter() - t) * 1e3
+
+    te = sum(clock(lambda i=i: backend.text_encoder(i, ids)) for i, ids in enumerate(x.input_ids))
+    unet = clock(lambda: backend.unet(x.sample, x.timestep, x.encoder_hidden_states, x.text_embeds, x.time_ids))
+    vae = clock(lambda: backend.vae_decoder(x.latent))
+    return {"text_encoder_ms": te, "unet_step_ms": unet, "vae_decode_ms": vae}
+
+
+def unet_flops(backend, x: StageInputs) -> int:
+    """FLOPs of one UNet step at the CFG batch (2 per multiply-add: convolutions, matmuls, attention), counted by
+    torch's FlopCounterMode over an eager backend's call; the physics behind every row's achieved TFLOP/s."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    # The counter has no formula for the fused CPU attention kernels; the math path is plain matmuls it counts.
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        backend.unet(x.sample, x.timestep, x.encoder_hidden_states, x.text_embeds, x.time_ids)
+    return int(counter.get_total_flops())
+
+
+# ---- memory: the peak a row adds to this process (RSS on CPU, allocated bytes on CUDA) ----------------------------
+
+def _status_kb(key: str) -> int:
+    return int(re.search(rf"^{key}:\s+(\d+)", Path("/proc/self/status").read_text(), re.M).group(1))
+
+
+def release_memory() -> None:
+    """Return freed memory to the OS so the next row's RSS baseline is what is really still held."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the baseline is a bit high, the peak still right
+        pass
+
+
+class PeakMemory:
+    """`with PeakMemory(device) as m:` -> m.rss_mb: peak RSS above the RSS at entry (the high-water mark is reset
+    through /proc/self/clear_refs, or sampled every 10 ms where that is refused); m.cuda_mb: peak CUDA allocation."""
+
+    def __init__(self, device):
+        self.device, self.rss_mb, self.cuda_mb, self._peak, self._stop = device, None, None, 0, None
+
+    def __enter__(self):
+        release_memory()
+        self.start = _status_kb("VmRSS")
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # "5" resets VmHWM to the current RSS
+        except OSError:
+            self._stop = threading.Event()
+            threading.Thread(target=self._sample, daemon=True).start()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.01):
+            self._peak = max(self._peak, _status_kb("VmRSS"))
+
+    def __exit__(self, *exc):
+        if self._stop is not None:
+            self._stop.set()
+            peak = max(self._peak, _status_kb("VmRSS"))
+        else:
+            peak = _status_kb("VmHWM")
+        self.peak = peak
+        self.rss_mb = round((peak - self.start) / 1024, 1)
+        if self.device.type == "cuda":
+            self.cuda_mb = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+
+    def include(self, earlier: "PeakMemory") -> None:
+        """Extend this measurement back to the start of `earlier` (the reference's weights load before its row)."""
+        self.start, self.peak = earlier.start, max(self.peak, earlier.peak)
+        self.rss_mb = round((self.peak - self.start) / 1024, 1)
+
+
+# ---- setting a row up: load weights, export ONNX (cached), build the runtime --------------------------------------
+
+@dataclass
+class Context:
+    model: str
+    device: torch.device
+    info: object                # sdrt.pipeline.ModelInfo of the model
+    tokenizers: list
+    request: object             # the resolved GenerationRequest every row runs
+    seed: int = 0
+
+
+def setup_row(spec: RowSpec, ctx: Context, components=None) -> LiveRow:
+    """Build one row. `components`: weights already loaded for it (the reference row), else it loads its own."""
+    from sdrt.backends import make_backend
+    from sdrt.models import load_model
+    from sdrt.pipeline import Pipeline
+
+    cold: dict = {"load": None, "export": None, "build": None}
+    device = torch.device("cpu") if spec.kind == "openvino" else ctx.device
+    if spec.kind == "tensorrt":
+        from sdrt.backends.tensorrt import tensorrt_available
+
+        ok, why = tensorrt_available()
+        if not ok:
+            raise SdrtError(why)
+    if spec.kind == "diffusers":
+        t = time.perf_counter()
+        components = load_model(ctx.model, seed=ctx.seed)
+        cold["load"] = time.perf_counter() - t
+        t = time.perf_counter()
+        peer = DiffusersPeer(components, spec.precision, device)
+        cold["build"] = time.perf_counter() - t
+        return LiveRow(spec, peer.backend, peer.generate, device, spec.precision, cold)
+    if spec.kind in ONNX_BACKENDS:
+        onnx_dir, cold["export"], cached = export_onnx(ctx, onnx_precision(spec))
+        t = time.perf_counter()
+        if spec.kind == "tensorrt":
+            build_engines(onnx_dir, onnx_precision(spec), ctx)
+        backend = make_backend(spec.name, onnx_dir=onnx_dir, device=device)
+        cold["build"] = time.perf_counter() - t
+        notes = [f"ONNX export cached in {onnx_dir}"] if cached else []
+    else:  # eager, torch, torch.compile: the PyTorch weights
+        if components is None:
+            t = time.perf_counter()
+            components = load_model(ctx.model, seed=ctx.seed)
+            cold["load"] = time.perf_counter() - t
+        t = time.perf_counter()
+        backend = make_backend(f"eager:{spec.precision}" if spec.kind == "torch.compile" else spec.name,
+                               components=components, device=device)
+        if spec.kind == "torch.compile":
+            compile_eager(backend)  # compiles lazily: the cost lands in the warm-up
+        cold["build"] = time.perf_counter() - t
+        notes = []
+    precision = getattr(backend, "precision", spec.precision)
+    pipe = Pipeline(ctx.info, ctx.tokenizers, backend)
+    return LiveRow(spec, backend, pipe.generate, device, getattr(precision, "value", precision), cold, notes)
+
+
+def onnx_precision(spec: RowSpec) -> str:
+    """Which export a row reads: OpenVINO picks its precision at compile time from the fp32 graphs; onnxruntime and
+    TensorRT read the export of their own precision (TensorRT builds fp16 engines from the fp16 graphs)."""
+    if spec.kind == "openvino":
+        return "fp32"
+    return spec.precision or ("fp16" if spec.kind == "tensorrt" else "fp32")  # `sdrt build`'s default is fp16
+
+
+def build_engines(onnx_dir: Path, precision: str, ctx: Context) -> None:
+    """`sdrt build ONNX_DIR` for this benchmark's one shape (a static profile: TensorRT's fastest engine). The
+    engine cache in ONNX_DIR/tensorrt skips engines that are already up to date."""
+    import argparse
+
+    from sdrt.export import build_cli
+
+    r = ctx.request
+    names = ["text_encoder", "text_encoder_2"][: len(ctx.tokenizers)] + ["unet", "vae_decoder"]
+    argv = [str(onnx_dir), "--precision", precision, "--profile", f"{r.height}x{r.width}@{r.batch}",
+            "--components", ",".join(names)] + ([] if r.guidance > 1.0 else ["--no-cfg"])
+    parser = argparse.ArgumentParser(prog="sdrt build")
+    build_cli.add_arguments(parser)
+    build_cli.run(parser.parse_args(argv))
+
+
+def export_onnx(ctx: Context, precision: str) -> tuple[Path, float, bool]:
+    """(dir, export seconds, cached?) in the onnxruntime backend's export cache ($SDRT_CACHE or ~/.cache/sdrt), so
+    every ONNX row and `sdrt generate` share one export. A cached export's recorded time is reported, so a second
+    benchmark run neither pays nor hides it; the weights are loaded only when there is something to export."""
+    from sdrt.backends import Precision
+    from sdrt.backends.onnxruntime import cache_root, ensure_onnx
+    from sdrt.export.onnx_manifest import read_manifest
+    from sdrt.models import load_model
+
+    out = cache_root() / "onnx" / f"{ctx.info.source_hash[:16]}-{precision}"  # ORT's cache_dir(), from the hash
+    m = read_manifest(out)
+    if m and m.get("precision") == precision and m.get("model", {}).get("source_hash") == ctx.info.source_hash:
+        return out, sum(c.get("export_s") or 0.0 for c in m["components"].values()), True
+    t = time.perf_counter()
+    ensure_onnx(load_model(ctx.model, seed=ctx.seed), Precision(precision), out)
+    release_memory()
+    return out, time.perf_counter() - t, False
+
+
+def compile_eager(backend) -> None:
+    """The eager backend's modules under torch.compile (the modules the verbs call; the instance, not the class)."""
+    backend.text_encoders = [torch.compile(te) for te in backend.text_encoders]
+    backend.unet_module = torch.compile(backend.unet_module)
+    backend.vae.decoder = torch.compile(backend.vae.decoder)
+
+
+# ---- the diffusers peer ------------------------------------------------------------------------------------------
+
+@dataclass
+class PeerResult:
+    pixels: object
+    latents: torch.Tensor
+    timings: dict
+
+
+class DiffusersPeer:
+    """diffusers' StableDiffusion[XL]Pipeline over the same weights, run with the same request and seed: the same
+    CPU generator draws the same initial noise, so its image should match the eager row's to within float noise.
+    Like `from_pretrained(torch_dtype=...)`, every module is cast to the row's precision (the SDXL pipeline upcasts
+    its VAE itself); its stage verbs time diffusers' modules as the pipeline holds them."""
+
+    def __init__(self, components, precision: str, device):
+        import diffusers
+
+        from sdrt.backends import Precision
+        from sdrt.specs import Family
+
+        self.components, self.device, self.dtype = components, device, Precision(precision).torch_dtype
+        sdxl = components.family is Family.SDXL
+        cls = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
+        kw = dict(vae=components.vae, unet=components.unet, scheduler=self.scheduler(components.defaults["scheduler"]),
+                  tokenizer=components.tokenizers[0], text_encoder=components.text_encoders[0])
+        if sdxl:
+            kw.update(tokenizer_2=components.tokenizers[1], text_encoder_2=components.text_encoders[1])
+        else:
+            kw.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        self.pipe = cls(**kw).to(device, self.dtype)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.backend = self  # the stage verbs below
+
+    @torch.inference_mode()
+    def text_encoder(self, index: int, input_ids):
+        te = self.pipe.text_encoder_2 if index else self.pipe.text_encoder
+        return te(input_ids.to(self.device), output_hidden_states=True)
+
+    @torch.inference_mode()
+    def unet(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
+        dev, dt = self.device, self.dtype
+        added = None if text_embeds is None else {"text_embeds": text_embeds.to(dev, dt), "time_ids": time_ids.to(dev, dt)}
+        return self.pipe.unet(sample.to(dev, dt), timestep.to(dev), encoder_hidden_states=encoder_hidden_states.to(
+            dev, dt), added_cond_kwargs=added, return_dict=False)[0]
+
+    @torch.inference_mode()
+    def vae_decoder(self, latent):
+        return self.pipe.vae.decode(latent.to(self.device, self.pipe.vae.dtype), return_dict=False)[0]
+
+    def scheduler(self, name: str):
+        import diffusers
+
+        cls, forced = DIFFUSERS_SCHEDULERS[name]
+        return getattr(diffusers, cls).from_config(self.components.scheduler_config, **forced)
+
+    def generate(self, r) -> PeerResult:
+        self.pipe.scheduler = self.scheduler(r.scheduler)
+        final = {}
+
+        def keep_latents(pipe, i, t, kw):
+            final["latents"] = kw["latents"]
+            return kw
+
+        t = time.perf_counter()
+        out = self.pipe(prompt=r.prompts, negative_prompt=r.negative_prompt, num_inference_steps=r.steps,
+                        guidance_scale=r.guidance, height=r.height, width=r.width, num_images_per_prompt=r.batch,
+                        generator=torch.Generator("cpu").manual_seed(r.seed), output_type="np",
+                        callback_on_step_end=keep_latents)
+        sync(self.device)
+        return PeerResult(out.images, final["latents"].float().cpu(), {"total_ms": (time.perf_counter() - t) * 1e3})

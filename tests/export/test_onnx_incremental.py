@@ -1,0 +1,130 @@
+"""Incremental and atomic exports, external data, and load_manifest's refusals. Uses tiny's text encoder and VAE
+decoder only (the quickest two graphs)."""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from sdrt.errors import SdrtError
+from sdrt.export import onnx_check
+from sdrt.export.onnx_check import compare, run_onnx, session
+from sdrt.export.onnx_export import export_model
+from sdrt.export.onnx_graph import EXTERNAL_DATA_THRESHOLD
+from sdrt.export.onnx_manifest import load_manifest
+from sdrt.export.onnx_specs import graph_specs
+
+TWO = ["text_encoder", "vae_decoder"]
+
+
+def export(c, out, **kw):
+    return export_model(c, out, components=TWO, **kw)
+
+
+def leftovers(out):
+    return sorted(p.name for p in out.iterdir() if p.name.startswith("."))
+
+
+def test_rerun_is_a_noop(tiny, tmp_path, capsys):
+    out = tmp_path / "o"
+    m = export(tiny, out)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    capsys.readouterr()
+    assert export(tiny, out) == m
+    assert "up to date" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps  # nothing rewritten
+    # --force and another precision are not no-ops
+    assert "exporting" in (export(tiny, out, force=True, progress=True), capsys.readouterr().err)[1]
+    assert export(tiny, out, precision="fp16")["precision"] == "fp16"
+
+
+def test_interrupted_export_is_not_trusted(tiny, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "o"
+    real, calls = onnx_check.check_graph, []
+
+    def dies_on_second(*a, **kw):  # the 2nd component dies after its graph was written to its temp folder
+        calls.append(a[0].name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(onnx_check, "check_graph", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        export(tiny, out)
+    # the 1st graph is in place, but no manifest vouches for it and no temp file is left behind
+    assert (out / "text_encoder.onnx").is_file() and not (out / "vae_decoder.onnx").exists()
+    assert leftovers(out) == []
+    with pytest.raises(SdrtError, match="no manifest.json"):
+        load_manifest(out, require=TWO)
+    # a run killed harder (no `finally`) leaves a temp folder: the next run deletes it and exports everything
+    (out / ".sdrt-tmp-999-unet").mkdir()
+    (out / ".sdrt-tmp-999-unet" / "unet.onnx").write_bytes(b"half a graph")
+    monkeypatch.setattr(onnx_check, "check_graph", real)
+    capsys.readouterr()
+    m = export(tiny, out, progress=True)
+    assert "text_encoder, vae_decoder" in capsys.readouterr().err.splitlines()[0]  # both exported, none kept
+    assert leftovers(out) == [] and load_manifest(out, require=TWO) == m
+
+    # now interrupt a re-export at another precision: the old manifest no longer matches the new 1st file
+    monkeypatch.setattr(onnx_check, "check_graph", dies_on_second)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        export(tiny, out, precision="fp16")
+    with pytest.raises(SdrtError, match="stale export, text_encoder: text_encoder.onnx"):
+        load_manifest(out, require=TWO)
+    # the next fp32 run re-exports only the replaced file and keeps the untouched one
+    monkeypatch.setattr(onnx_check, "check_graph", real)
+    capsys.readouterr()
+    m2 = export(tiny, out, progress=True)
+    err = capsys.readouterr().err.splitlines()[0]
+    assert err.endswith("text_encoder (kept: vae_decoder)"), err
+    assert m2["components"]["vae_decoder"] == m["components"]["vae_decoder"]
+    assert load_manifest(out, require=TWO) == m2
+
+
+def test_load_manifest_refusals(tiny, tmp_path):
+    with pytest.raises(SdrtError, match="no such directory"):
+        load_manifest(tmp_path / "nope")
+    out = tmp_path / "o"
+    export(tiny, out)
+    with pytest.raises(SdrtError, match="partial export, missing unet, vae_encoder"):
+        load_manifest(out)  # default: every component of the model
+    graph = out / "vae_decoder.onnx"
+    data = bytearray(graph.read_bytes())
+    data[-1] ^= 1  # same size, other bytes: only the hash notices
+    graph.write_bytes(bytes(data))
+    assert load_manifest(out, require=TWO, verify_hashes=False)
+    with pytest.raises(SdrtError, match="vae_decoder.onnx does not match its sha256"):
+        load_manifest(out, require=TWO)
+    graph.write_bytes(b"truncated")
+    with pytest.raises(SdrtError, match="vae_decoder.onnx has 9 bytes"):
+        load_manifest(out, require=TWO, verify_hashes=False)
+    (out / "manifest.json").write_text("{not json")
+    with pytest.raises(SdrtError, match="invalid JSON"):
+        load_manifest(out)
+
+
+def test_external_data(tiny, tmp_path):
+    """Graphs over 2 GB keep their weights in <file>.data; forced here with a threshold of 0 bytes."""
+    assert EXTERNAL_DATA_THRESHOLD < 2**31  # protobuf's limit
+    out = tmp_path / "o"
+    m = export_model(tiny, out, components=["vae_decoder"], external_data_threshold=0, progress=False)
+    e = m["components"]["vae_decoder"]
+    assert e["external_data"] == "vae_decoder.onnx.data"
+    assert e["graph_bytes"] < 200_000 < e["weights_bytes"]  # weights (~1 MB) moved out of the graph
+    assert e["bytes"] == e["graph_bytes"] + e["weights_bytes"]
+    assert e["validation"]["max_rel"] < 1e-4
+    # the data file is referenced relative to the graph: the folder can move
+    moved = tmp_path / "moved"
+    shutil.move(out, moved)
+    assert load_manifest(moved, require=["vae_decoder"])
+    spec = graph_specs(tiny)["vae_decoder"]
+    args = spec.sample_inputs(1, 88, 40, seed=2)
+    with torch.no_grad():
+        ref = spec.module(*args)
+    _, max_rel, finite = compare(run_onnx(session(moved / "vae_decoder.onnx"), args), [ref])
+    assert finite and max_rel < 1e-4
+    # a later export under the threshold drops the stale data file
+    export_model(tiny, moved, components=["vae_decoder"], force=True, progress=False)
+    assert not os.path.exists(moved / "vae_decoder.onnx.data")

@@ -1,0 +1,111 @@
+"""sdrt.kernels.group_norm vs group_norm_ref (F.group_norm in fp32 [+ SiLU]) in both memory formats."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from sdrt.kernels import group_norm, group_norm_ref
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+cuda_only = pytest.mark.skipif(not CUDA, reason="full SD shapes need CUDA (the interpreter is too slow)")
+# sigmoid(y) = 1 / (1 + exp(-y)): exp overflows to inf for very negative y and the result is the correct 0; numpy
+# (Triton's interpreter) warns about it, the GPU does not.
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+
+DTYPES = [
+    pytest.param(torch.float32, 1e-5, 1e-5, id="fp32"),  # same math; fp32 summation order differs
+    # The output rounds once to the storage dtype: allow ~2 ulp relative (fp16 eps 2^-10, bf16 eps 2^-7) plus an
+    # absolute term for values near 0 (after SiLU many are).
+    pytest.param(torch.float16, 1e-3, 2e-3, id="fp16"),
+    pytest.param(torch.bfloat16, 1e-2, 1.6e-2, id="bf16"),
+]
+FORMATS = [
+    pytest.param(torch.contiguous_format, id="nchw"),
+    pytest.param(torch.channels_last, id="nhwc"),
+]
+
+# (N, C, H, W), always 32 groups.
+CPU_SHAPES = [
+    pytest.param(1, 320, 2, 3, id="c320-tiny"),  # 10 channels per group, padded to 16
+    pytest.param(2, 96, 7, 9, id="c96-7x9-b2"),  # 3 channels per group, odd spatial
+    pytest.param(1, 960, 4, 5, id="c960-4x5"),  # 30 channels per group (SD's up blocks concatenate skips)
+    pytest.param(1, 320, 16, 17, id="c320-16x17-split"),  # 3 tiles of H*W: the reduction splits in 2 programs
+]
+
+# SD 1.5 / SDXL UNet: C 320..2560 (960 and 1920 after skip concatenation) at 64^2 and 128^2 (SDXL at 1024px);
+# the VAE decoder at 512px output: 4 to 16 channels per group over up to 512^2 pixels (a million values per group).
+GPU_SHAPES = [pytest.param(2, c, s, s, id=f"c{c}-{s}x{s}") for c in (320, 640, 960, 1280, 1920, 2560) for s in (64, 128)]
+GPU_SHAPES += [pytest.param(1, c, s, s, id=f"vae-c{c}-{s}x{s}") for c, s in ((512, 128), (256, 256), (128, 512))]
+
+
+def _inputs(N, C, H, W, dtype, memory_format):
+    # An offset of the mean (SD activations are not centred) checks the shifted statistics.
+    x = (torch.randn(N, C, H, W, device=DEVICE, dtype=torch.float32) * 2 + 0.5).to(dtype)
+    x = x.contiguous(memory_format=memory_format)
+    weight = torch.randn(C, device=DEVICE, dtype=dtype)
+    bias = torch.randn(C, device=DEVICE, dtype=dtype)
+    return x, weight, bias
+
+
+def _check(x, weight, bias, silu, atol, rtol, num_groups=32):
+    y = group_norm(x, num_groups, weight, bias, eps=1e-5, silu=silu)
+    assert y.shape == x.shape and y.dtype == x.dtype and y.stride() == x.stride()  # same memory format
+    torch.testing.assert_close(y, group_norm_ref(x, num_groups, weight, bias, 1e-5, silu), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("silu", [False, True], ids=["plain", "silu"])
+@pytest.mark.parametrize("memory_format", FORMATS)
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("N, C, H, W", CPU_SHAPES)
+def test_group_norm_matches_ref(N, C, H, W, dtype, atol, rtol, memory_format, silu):
+    _check(*_inputs(N, C, H, W, dtype, memory_format), silu, atol, rtol)
+
+
+@cuda_only
+@pytest.mark.parametrize("memory_format", FORMATS)
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("N, C, H, W", GPU_SHAPES)
+def test_group_norm_sd_shapes(N, C, H, W, dtype, atol, rtol, memory_format):
+    _check(*_inputs(N, C, H, W, dtype, memory_format), True, atol, rtol)
+
+
+def test_group_norm_no_affine_and_other_groups():
+    x, _, _ = _inputs(2, 64, 5, 6, torch.float32, torch.channels_last)
+    _check(x, None, None, False, 1e-5, 1e-5)
+    _check(x, None, None, True, 1e-5, 1e-5, num_groups=4)
+
+
+def test_group_norm_non_dense_input():
+    # A strided slice is neither NCHW nor NHWC: computed on a contiguous copy, the output is contiguous.
+    x, w, b = _inputs(1, 64, 6, 14, torch.float32, torch.contiguous_format)
+    x = x[..., ::2]
+    y = group_norm(x, 32, w, b, silu=True)
+    assert y.is_contiguous()
+    torch.testing.assert_close(y, group_norm_ref(x, 32, w, b, silu=True), atol=1e-5, rtol=1e-5)
+
+
+def test_group_norm_large_mean():
+    # |mean| = 100 >> std = 0.02: E[x^2] - E[x]^2 in fp32 would lose most digits; the shifted sums do not.
+    # Checked against fp64, since fp32 F.group_norm itself is off by ~5e-4 here.
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        x, w, b = _inputs(1, 320, 6, 6, torch.float32, memory_format)
+        x = x * 0.01 + 100.0
+        y = group_norm(x, 32, w, b, silu=True)
+        ref = F.silu(F.group_norm(x.double(), 32, w.double(), b.double()))
+        torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "shape, num_groups, weight_shape, match",
+    [
+        ((320, 4, 4), 32, (320,), "rank-4"),
+        ((1, 320, 4, 4), 30, (320,), "divisor"),
+        ((1, 320, 4, 4), 32, (640,), "shape"),
+    ],
+    ids=["rank", "groups", "weight"],
+)
+def test_group_norm_errors(shape, num_groups, weight_shape, match):
+    with pytest.raises(ValueError, match=match):
+        group_norm(torch.zeros(shape), num_groups, torch.ones(weight_shape), None)
+    with pytest.raises(ValueError, match="dtype"):
+        group_norm(torch.zeros(1, 32, 2, 2, dtype=torch.float64), 32, None, None)

@@ -1,0 +1,155 @@
+"""Backends: spec parsing, the one dispatch dict, and each backend's verbs against the PyTorch modules."""
+
+import pytest
+import torch
+
+from sdrt import backends
+from sdrt.backends import Backend, BackendSpec, Precision, make_backend, parse_spec
+from sdrt.errors import SdrtError
+from sdrt.models import load_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()  # see tests/test_pipeline.py: a shared machine, tiny models
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    return load_model("tiny-sdxl")
+
+
+@pytest.fixture(scope="module")
+def sdxl_onnx(sdxl, tmp_path_factory):
+    from sdrt.export.onnx_export import export_model
+
+    path = tmp_path_factory.mktemp("onnx") / "tiny-sdxl"
+    export_model(sdxl, path, progress=False)
+    return path
+
+
+@pytest.mark.parametrize("text,backend,precision", [
+    ("eager", Backend.EAGER, None), ("onnxruntime:fp16", Backend.ONNXRUNTIME, Precision.FP16),
+    (" TensorRT:INT8 ", Backend.TENSORRT, Precision.INT8), ("torch:bf16", Backend.TORCH, Precision.BF16),
+    ("auto", Backend.ONNXRUNTIME, None), ("auto:fp32", Backend.ONNXRUNTIME, Precision.FP32)])
+def test_parse_spec(text, backend, precision):
+    assert parse_spec(text, device="cpu") == BackendSpec(backend, precision)
+
+
+@pytest.mark.parametrize("text,match", [("tensorflow", "unknown backend"), ("eager:fp8", "unknown precision"),
+                                        ("", "unknown backend")])
+def test_bad_specs_are_one_line_errors(text, match):
+    with pytest.raises(SdrtError, match=match):
+        parse_spec(text)
+
+
+def test_every_backend_has_a_module_and_missing_ones_fail_cleanly(monkeypatch):
+    assert set(backends.MODULES) == set(Backend)
+    monkeypatch.setitem(backends.MODULES, Backend.OPENVINO, "sdrt.backends._not_written_yet")
+    with pytest.raises(SdrtError, match="backend openvino is not available"):
+        make_backend("openvino", onnx_dir="x")
+
+
+def test_eager_needs_components_and_no_int8():
+    with pytest.raises(SdrtError, match="PyTorch weights"):
+        make_backend("eager")
+    with pytest.raises(SdrtError, match="int8"):
+        make_backend("eager:int8", components=load_model("tiny"))
+
+
+def sdxl_inputs(batch=2, h=6, w=10):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 900, (batch, 77), generator=g)
+    return {"ids": ids, "sample": torch.randn(batch, 4, h, w, generator=g),
+            "timestep": torch.tensor([999.0, 13.5])[:batch], "ehs": torch.randn(batch, 77, 96, generator=g),
+            "text_embeds": torch.randn(batch, 32, generator=g),
+            "time_ids": torch.tensor([[48.0, 80, 0, 0, 48, 80]]).repeat(batch, 1),
+            "latent": torch.randn(batch, 4, h, w, generator=g),
+            "image": torch.rand(batch, 3, 8 * h, 8 * w, generator=g)}
+
+
+def test_eager_verbs_compute_what_the_modules_compute(sdxl):
+    be = make_backend("eager", components=sdxl)
+    x = sdxl_inputs()
+    with torch.no_grad():
+        out = sdxl.text_encoders[1](x["ids"], output_hidden_states=True)
+        te = be.text_encoder(1, x["ids"])
+        assert torch.equal(te["pooled_output"], out.text_embeds)  # SDXL's 2nd encoder: the projected pooled output
+        assert torch.equal(te["penultimate_hidden_state"], out.hidden_states[-2])
+        assert te["last_hidden_state"].shape == (2, 77, 32)
+        ref = sdxl.unet(x["sample"], x["timestep"], x["ehs"], added_cond_kwargs={
+            "text_embeds": x["text_embeds"], "time_ids": x["time_ids"]}).sample
+        assert torch.equal(be.unet(x["sample"], x["timestep"], x["ehs"], x["text_embeds"], x["time_ids"]), ref)
+        assert torch.equal(be.vae_decoder(x["latent"]), sdxl.vae.decode(x["latent"]).sample)
+        moments = be.vae_encoder(x["image"])
+        assert moments.shape == (2, 8, 6, 10)
+        assert torch.equal(moments.chunk(2, 1)[0], sdxl.vae.encode(x["image"]).latent_dist.mean)
+
+
+@pytest.mark.parametrize("io_binding", [False, True])  # IO binding is the CUDA path; ORT's CPU EP runs it too
+def test_onnxruntime_verbs_match_eager(sdxl, sdxl_onnx, io_binding):
+    from sdrt.backends.onnxruntime import OnnxRuntimeBackend
+
+    eager = make_backend("eager", components=sdxl)
+    ort = OnnxRuntimeBackend(sdxl_onnx, Precision.FP32, io_binding=io_binding)
+    assert "vae_encoder" not in ort.sessions  # opened on first use only
+    assert (ort.size_multiple, ort.min_size) == (8, 32)  # from the manifest
+    x = sdxl_inputs()
+
+    def close(a, b):  # max error relative to the output's range, as the exporter's check measures it
+        return float((a - b).abs().max() / b.abs().max()) < 1e-4
+
+    for k in range(2):
+        e, o = eager.text_encoder(k, x["ids"]), ort.text_encoder(k, x["ids"])
+        assert all(close(o[name], e[name]) for name in ("last_hidden_state", "pooled_output",
+                                                        "penultimate_hidden_state"))
+    args = (x["sample"], x["timestep"], x["ehs"], x["text_embeds"], x["time_ids"])
+    assert close(ort.unet(*args), eager.unet(*args))
+    assert close(ort.vae_decoder(x["latent"]), eager.vae_decoder(x["latent"]))
+    assert close(ort.vae_encoder(x["image"]), eager.vae_encoder(x["image"]))
+    assert ort.unet(*args).dtype == torch.float32 and ort.unet(*args).device.type == "cpu"
+
+
+def test_onnxruntime_session_options(sdxl_onnx):
+    import os
+
+    import onnxruntime
+
+    from sdrt.backends.onnxruntime import physical_cores
+
+    be = make_backend("onnxruntime", onnx_dir=sdxl_onnx)
+    assert be.options.graph_optimization_level == onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert be.options.intra_op_num_threads == physical_cores() <= os.cpu_count()
+    assert be.providers == ["CPUExecutionProvider"] and not be.io_binding
+
+
+def test_onnxruntime_errors(tmp_path, sdxl_onnx):
+    with pytest.raises(SdrtError, match="needs an ONNX directory"):
+        make_backend("onnxruntime", onnx_dir=tmp_path)
+    with pytest.raises(SdrtError, match="fp32 export, not fp16"):
+        make_backend("onnxruntime:fp16", onnx_dir=sdxl_onnx)
+    with pytest.raises(SdrtError, match="other weights"):
+        make_backend("onnxruntime", components=load_model("tiny-sdxl", seed=1), onnx_dir=sdxl_onnx)
+
+
+def test_onnx_cache_exports_once_and_reuses(monkeypatch, tmp_path):
+    from sdrt.export import onnx_export
+
+    from sdrt.backends import onnxruntime as ort_backend
+
+    monkeypatch.setenv("SDRT_CACHE", str(tmp_path))
+    c = load_model("tiny")
+    calls = []
+    real = onnx_export.export_model
+    monkeypatch.setattr(onnx_export, "export_model", lambda *a, **k: calls.append(a) or real(*a, **k))
+    first = ort_backend.ensure_onnx(c, Precision.FP32)
+    assert first == tmp_path / "onnx" / f"{c.source_hash[:16]}-fp32" and len(calls) == 1
+    assert ort_backend.ensure_onnx(c, Precision.FP32) == first and len(calls) == 1  # cached
+    (first / "unet.onnx").write_bytes(b"truncated")  # a damaged cache is re-exported, not trusted
+    ort_backend.ensure_onnx(c, Precision.FP32)
+    assert len(calls) == 2
+    backend = make_backend("onnxruntime", components=c)  # no onnx_dir: the cache
+    assert backend.onnx_dir == first and len(calls) == 2

@@ -1,0 +1,139 @@
+"""`sdrt bench` and the GPU suite's dry run on the tiny preset: the report's schema, skipped rows, the outputs.
+
+Timings on a shared CI machine mean nothing, so only their shape is checked (present, positive, ordered
+percentiles); drift is checked for real (fp32 graphs must match eager to float rounding).
+"""
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from sdrt import bench
+from sdrt.errors import SdrtError
+
+ROOT = Path(__file__).resolve().parent.parent
+ROW_KEYS = {"backend", "kind", "precision", "device", "text_encoder_ms", "unet_step_ms", "vae_decode_ms", "e2e_ms",
+            "steps_per_s", "images_per_s", "speedup_unet_vs_eager", "speedup_e2e_vs_eager", "cold_start_s",
+            "peak_mem_mb", "psnr_vs_eager", "latent_max_abs_vs_eager", "samples", "skipped"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Shared CI machines oversubscribe their cores, and torch's OpenMP barriers then wait a scheduler quantum per
+    op (tiny's text encoder: 1 ms on one thread, 60-200 ms on two). These tests check results, not speed."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """The session's private ONNX export cache ($SDRT_CACHE), shared with test_openvino: tiny is exported once."""
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.getbasetemp() / "sdrt-cache"
+        path.mkdir(exist_ok=True)
+        mp.setenv("SDRT_CACHE", str(path))
+        yield path
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    return p.parse_args(argv)
+
+
+def check_row(row: dict, runs: int) -> None:
+    assert ROW_KEYS <= row.keys(), ROW_KEYS - row.keys()
+    assert row["skipped"] is None
+    for k in ("text_encoder_ms", "unet_step_ms", "vae_decode_ms"):
+        assert row[k] > 0 and len(row["samples"][k]) == runs
+    e2e = row["e2e_ms"]
+    assert 0 < e2e["p50"] <= e2e["p90"] <= e2e["p99"]
+    assert row["peak_mem_mb"] is not None and row["cold_start_s"]["warmup"] > 0
+
+
+def test_bench_tiny(tmp_path, cache):
+    out = {k: tmp_path / f"report.{k}" for k in ("json", "md", "png")}
+    args = parse(["tiny", "--backends", "eager,onnxruntime,bogus", "--runs", "2", "--steps", "2",
+                  "--json", str(out["json"]), "--markdown", str(out["md"]), "--plot", str(out["png"])])
+    assert bench.run(args) == 0
+    report = json.loads(out["json"].read_text())
+    rows = {r["backend"]: r for r in report["results"]}
+    assert list(rows) == ["eager", "onnxruntime", "bogus"]
+    assert "unknown backend 'bogus'" in rows["bogus"]["skipped"]
+    for name in ("eager", "onnxruntime"):
+        check_row(rows[name], runs=2)
+    # The reference row has no drift to report (null, not inf: JSON has no infinity); its speedups are 1 by
+    # definition. The fp32 ONNX graph differs from eager only by float reassociation: far above 60 dB.
+    eager, ort = rows["eager"], rows["onnxruntime"]
+    assert eager["psnr_vs_eager"] is None and eager["latent_max_abs_vs_eager"] is None
+    assert eager["speedup_unet_vs_eager"] == eager["speedup_e2e_vs_eager"] == 1.0
+    assert ort["psnr_vs_eager"] is None or ort["psnr_vs_eager"] > 60
+    assert ort["latent_max_abs_vs_eager"] < 1e-3
+    assert ort["cold_start_s"]["export"] > 0 and ort["cold_start_s"]["load"] is None
+    assert report["request"]["steps"] == 2 and report["request"]["batch"] == 1
+    assert {"torch", "onnxruntime", "diffusers"} <= report["env"]["versions"].keys()
+    assert report["env"]["cpu"] and "git" in report["env"]
+    assert report["command"].startswith("sdrt bench tiny --backends eager,onnxruntime,bogus")
+    md = out["md"].read_text()
+    assert "| eager | fp32 |" in md and "| bogus | skipped: unknown backend" in md
+    assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_adds_the_reference_and_runs_a_peer_sequentially(tmp_path):
+    # diffusers' own pipeline on the same weights and seed: the eager row's twin, so drift is float noise only.
+    report = bench.run_bench(bench.BenchConfig("tiny", ("diffusers",), steps=2, runs=1, sequential=True),
+                             log=lambda m: None)
+    rows = report["results"]
+    assert [r["backend"] for r in rows] == ["eager", "diffusers"]
+    check_row(rows[1], runs=1)
+    assert rows[1]["psnr_vs_eager"] is None or rows[1]["psnr_vs_eager"] > 60
+
+
+def test_bad_arguments_are_one_line_errors():
+    with pytest.raises(SdrtError, match="--runs"):
+        bench.config_from_args(parse(["tiny", "--runs", "0"]))
+    with pytest.raises(SdrtError, match="empty"):
+        bench.config_from_args(parse(["tiny", "--backends", ","]))
+
+
+def test_command_line_reproduces_the_config():
+    cfg = bench.BenchConfig("sd15", ("eager", "openvino:fp32"), height=256, width=256, steps=4, runs=3)
+    argv = bench.command_line(cfg).split()[2:]
+    assert argv[:3] == ["sd15", "--backends", "eager,openvino:fp32"]
+    assert bench.config_from_args(parse(argv)) == cfg
+
+
+def test_peak_memory_sees_an_allocation():
+    import torch
+
+    from sdrt.bench_rows import PeakMemory
+
+    with PeakMemory(torch.device("cpu")) as mem:
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del x
+    assert 60 <= mem.rss_mb <= 200, mem.rss_mb
+
+
+def test_gpu_suite_dry_run(tmp_path, cache):
+    path = ROOT / "benchmarks" / "gpu_suite.py"
+    spec = importlib.util.spec_from_file_location("gpu_suite", path)
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    assert suite.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert report["suite"]["dry_run"] and report["config"]["model"] == "tiny"
+    rows = {r["backend"]: r for r in report["results"]}
+    assert list(rows) == list(suite.ROWS)
+    check_row(rows["eager"], runs=1)
+    assert rows["tensorrt:fp16"]["skipped"]  # no TensorRT on a CPU machine: a reason, not a crash
+    assert isinstance(report["kernels"], list) and report["kernels"]
+    md = (tmp_path / "gpu_suite.md").read_text()
+    assert "## sdrt GPU suite (dry run" in md and "### Kernels" in md
+    assert (tmp_path / "gpu_suite.png").is_file()

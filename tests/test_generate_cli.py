@@ -1,0 +1,131 @@
+"""`sdrt generate`: files written, parameters stored in the PNG and reproducible, every bad input a one-line error."""
+
+import argparse
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdrt import generate
+from sdrt.backends import make_backend
+from sdrt.cli import main
+from sdrt.image import psnr, read_params
+from sdrt.models import load_model
+from sdrt.pipeline import GenerationRequest, Pipeline
+
+FAST = ["--steps", "2", "--scheduler", "ddim"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()  # see tests/test_pipeline.py: a shared machine, tiny models
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run_cli(capsys, *argv):
+    rc = main(["generate", *argv])
+    return rc, capsys.readouterr().err
+
+
+def test_eager_writes_pngs_that_reproduce_themselves(tmp_path, capsys):
+    out = tmp_path / "out.png"
+    rc, err = run_cli(capsys, "tiny", "a photo", "--backend", "eager", "--batch", "2", "--seed", "5",
+                      "--height", "64", "--width", "96", "-n", "blurry", *FAST, "-o", str(out))
+    assert rc == 0, err
+    assert "wrote" in err and "unet" in err
+    images = [np.asarray(Image.open(p)) for p in (out, tmp_path / "out-1.png")]
+    assert images[0].shape == (64, 96, 3) and not (tmp_path / "out-2.png").exists()
+    p = read_params(tmp_path / "out-1.png")
+    assert p["prompt"] == "a photo" and p["negative_prompt"] == "blurry" and p["index"] == 1
+    assert (p["seed"], p["steps"], p["scheduler"], p["height"], p["width"], p["backend"]) == \
+        (5, 2, "ddim", 64, 96, "eager:fp32")
+    assert p["model"] == "tiny" and p["model_hash"] == load_model("tiny").source_hash
+    # the PNG alone is enough to make the same images again
+    c = load_model(p["model"])
+    again = Pipeline.from_components(c, make_backend("eager", components=c)).generate(GenerationRequest(
+        p["prompt"], p["negative_prompt"], p["steps"], p["guidance"], p["scheduler"], p["seed"], p["height"],
+        p["width"], p["batch"]))
+    assert all(np.array_equal(a, b) for a, b in zip(again.images, images))
+
+
+def test_onnxruntime_exports_once_then_reuses_and_matches_eager(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SDRT_CACHE", str(tmp_path / "cache"))
+    args = ["tiny", "a photo", "--seed", "3", *FAST]
+    rc, err = run_cli(capsys, *args, "--backend", "onnxruntime", "-o", str(tmp_path / "a.png"))
+    assert rc == 0, err
+    assert "exporting tiny" in err and str(tmp_path / "cache" / "onnx") in err
+    rc, err = run_cli(capsys, *args, "-o", str(tmp_path / "b.png"))  # auto = onnxruntime on CPU, cached
+    assert rc == 0 and "exporting" not in err, err
+    assert read_params(tmp_path / "b.png")["backend"] == "onnxruntime:fp32"
+    rc, err = run_cli(capsys, *args, "--backend", "eager", "-o", str(tmp_path / "c.png"))
+    a, b, c = (np.asarray(Image.open(tmp_path / f"{k}.png")) for k in "abc")
+    assert np.array_equal(a, b) and psnr(a, c) >= 40
+
+
+def test_img2img_takes_the_init_image_size(tmp_path, capsys):
+    init = tmp_path / "init.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (75, 100, 3), dtype=np.uint8)).save(init)
+    rc, err = run_cli(capsys, "tiny", "a photo", "--backend", "eager", "--init-image", str(init), "--strength",
+                      "0.5", *FAST[:2], "-o", str(tmp_path / "o.png"))
+    assert rc == 0, err
+    assert Image.open(tmp_path / "o.png").size == (96, 72)  # rounded down to multiples of 8, as diffusers does
+    p = read_params(tmp_path / "o.png")
+    assert p["strength"] == 0.5 and p["init_image"] == str(init)
+
+
+def test_empty_prompt_is_unconditional_and_long_prompts_warn(tmp_path, capsys):
+    rc, err = run_cli(capsys, "tiny", "", "--backend", "eager", *FAST, "-o", str(tmp_path / "e.png"))
+    assert rc == 0, err
+    long = " ".join(["photo"] * 80) + " purple elephant"
+    rc, err = run_cli(capsys, "tiny", long, "--backend", "eager", *FAST, "-o", str(tmp_path / "l.png"))
+    assert rc == 0 and "truncated" in err and "purple elephant" in err
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--steps", "0"], "steps must be"),
+    (["--guidance", "nan"], "guidance must be a finite"),
+    (["--guidance", "inf"], "guidance must be a finite"),
+    (["--scheduler", "heun"], "unknown scheduler 'heun'"),
+    (["--height", "65"], "height must be a multiple of 8"),
+    (["--width", "8192"], "width must be a multiple of 8"),
+    (["--height", "0"], "height must be"),
+    (["--batch", "0"], "batch must be"),
+    (["--strength", "0.5"], "--strength needs --init-image"),
+    (["--init-image", "INIT", "--strength", "1.5"], r"strength must be in \(0, 1\]"),
+    (["--init-image", "INIT", "--strength", "0"], r"strength must be in \(0, 1\]"),
+    (["--init-image", "NOT_AN_IMAGE"], "cannot open as an image"),
+    (["--init-image", "MISSING"], "no such file"),
+    (["--backend", "tensorflow"], "unknown backend"),
+    (["--backend", "eager:fp8"], "unknown precision"),
+    (["-o", "out.jpg"], "PNG"),
+    (["--width", "32", "--backend", "eager"], "width must be a multiple of 8 in \\[64"),  # after loading: eager's limit
+])
+def test_bad_input_is_one_line_error(tmp_path, capsys, argv, match):
+    init, bad = tmp_path / "init.png", tmp_path / "bad.png"
+    Image.new("RGB", (64, 64)).save(init)
+    bad.write_text("not a png")
+    subst = {"INIT": str(init), "NOT_AN_IMAGE": str(bad), "MISSING": str(tmp_path / "missing.png")}
+    argv = [subst.get(a, a) for a in argv]
+    if "-o" not in argv:
+        argv += ["-o", str(tmp_path / "x.png")]
+    rc, err = run_cli(capsys, "tiny", "a photo", "--steps", "1", *argv)
+    assert rc == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sdrt generate: error: "), err
+    assert "Traceback" not in err
+    import re
+
+    assert re.search(match, lines[0]), lines[0]
+
+
+def test_run_through_its_own_parser(tmp_path):
+    # the module works without the top-level CLI: HELP, add_arguments, run
+    parser = argparse.ArgumentParser()
+    generate.add_arguments(parser)
+    args = parser.parse_args(["tiny", "a cat", "--backend", "eager", *FAST, "--seed", "1", "-o",
+                              str(tmp_path / "p.png")])
+    assert generate.run(args) == 0 and read_params(tmp_path / "p.png")["prompt"] == "a cat"
+    assert isinstance(generate.HELP, str)

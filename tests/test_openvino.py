@@ -1,0 +1,110 @@
+"""The openvino backend against eager on the tiny preset: every verb, fp32 and bf16, and a whole generation."""
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("openvino")
+
+from sdrt.backends import make_backend  # noqa: E402
+from sdrt.backends.openvino import OpenVINOBackend, cpu_precision_default  # noqa: E402
+from sdrt.errors import SdrtError  # noqa: E402
+from sdrt.models import load_model  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Shared CI machines oversubscribe their cores, and torch's OpenMP barriers then wait a scheduler quantum per
+    op (tiny's text encoder: 1 ms on one thread, 60-200 ms on two). These tests check results, not speed."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def components():
+    return load_model("tiny")
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(components, tmp_path_factory):
+    """tiny's fp32 export in the session's private $SDRT_CACHE, shared with test_bench: exported once."""
+    from sdrt.backends import Precision
+    from sdrt.backends.onnxruntime import ensure_onnx
+
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.getbasetemp() / "sdrt-cache"
+        path.mkdir(exist_ok=True)
+        mp.setenv("SDRT_CACHE", str(path))
+        yield ensure_onnx(components, Precision.FP32)
+
+
+@pytest.fixture(scope="module")
+def eager(components):
+    return make_backend("eager", components=components, device="cpu")
+
+
+def has_bf16() -> bool:
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def verb_outputs(backend) -> dict[str, torch.Tensor]:
+    """Each verb once on fixed inputs of an odd size (latent 9x7: not a multiple of the UNet's 4x downsampling)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 900, (2, 77), generator=g)
+    sample, ehs = torch.randn(2, 4, 9, 7, generator=g), torch.randn(2, 77, 64, generator=g)
+    te = backend.text_encoder(0, ids)
+    return {"last_hidden_state": te["last_hidden_state"], "pooled_output": te["pooled_output"],
+            "unet": backend.unet(sample, torch.tensor([999.0, 10.0]), ehs),
+            "vae_decoder": backend.vae_decoder(torch.randn(1, 4, 9, 7, generator=g)),
+            "vae_encoder": backend.vae_encoder(torch.rand(1, 3, 72, 56, generator=g) * 2 - 1)}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+# fp32: the same graph in another runtime; only float reassociation (fused kernels, other summation orders) differs.
+# bf16: 8 mantissa bits, so each matmul/conv rounds its inputs at ~4e-3 relative; through the tiny UNet's ~20
+# layers that compounds to ~1e-2 of the output's norm. 5e-2 keeps a margin without hiding a wrong graph
+# (a wrong graph is off by ~1).
+@pytest.mark.parametrize("precision,static,tol", [("fp32", False, 1e-4), ("fp32", True, 1e-4), ("bf16", False, 5e-2)])
+def test_verbs_match_eager(onnx_dir, eager, precision, static, tol):
+    if precision == "bf16" and not has_bf16():
+        pytest.skip("this CPU has no bf16 (AVX512-BF16 or AMX)")
+    ov = OpenVINOBackend(onnx_dir, precision, static_shapes=static)
+    assert ov.precision == precision and ov.dtype == torch.float32
+    got, want = verb_outputs(ov), verb_outputs(eager)
+    for name in want:
+        assert got[name].shape == want[name].shape, name
+        assert rel_err(got[name], want[name]) < tol, (name, rel_err(got[name], want[name]))
+
+
+def test_default_precision_is_openvinos(onnx_dir):
+    ov = make_backend("openvino", onnx_dir=onnx_dir)  # bare name: OpenVINO's own INFERENCE_PRECISION_HINT
+    assert ov.precision == cpu_precision_default() == ("bf16" if has_bf16() else "fp32")
+
+
+def test_generation_matches_eager(components, onnx_dir, eager):
+    from sdrt.image import psnr
+    from sdrt.pipeline import GenerationRequest, Pipeline
+
+    r = GenerationRequest(prompt="a red cube", steps=3, seed=1)
+    want = Pipeline.from_components(components, eager).generate(r)
+    got = Pipeline.from_components(components, make_backend("openvino:fp32", onnx_dir=onnx_dir)).generate(r)
+    assert psnr(got.pixels, want.pixels) > 60  # fp32: float noise only
+    assert np.abs(got.latents.numpy() - want.latents.numpy()).max() < 1e-3
+
+
+def test_errors_are_one_line(onnx_dir, tmp_path):
+    with pytest.raises(SdrtError, match="fp32 or bf16"):
+        make_backend("openvino:int8", onnx_dir=onnx_dir)
+    with pytest.raises(SdrtError, match="sdrt export"):
+        make_backend("openvino")
+    with pytest.raises(SdrtError, match="manifest"):
+        make_backend("openvino", onnx_dir=tmp_path)

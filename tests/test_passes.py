@@ -1,0 +1,153 @@
+"""sdrt.passes against the untouched diffusers modules of the tiny preset, in fp32 on CPU.
+
+Two tiers: whole tiny UNet/VAE with kernel=False (the same module surgery, computed by SDPA / F.group_norm: fast),
+and tiny blocks with kernel=True (sdrt.kernels through Triton's interpreter, ~1 s per kernel call on CPU, so whole
+models with kernels are left to tests/test_torch_backend.py's CUDA / SDRT_SLOW test).
+Tolerance 2e-5 on outputs of magnitude ~1-5: fused QKV (one GEMM), SDPA or the flash kernel's online softmax and the
+kernel's shifted fp32 statistics sum in another order than the stock modules; each differs by a few fp32 ulps.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from sdrt import passes
+from sdrt.models import load_model
+
+ATOL = 2e-5
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny")
+
+
+def _unet_inputs(batch=2):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(batch, 4, 8, 8, generator=g), torch.tensor([999.0, 10.0][:batch]),
+            torch.randn(batch, 77, 64, generator=g))
+
+
+def _run_unet(unet, x, t, e, channels_last=False):
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        return unet(x, t, encoder_hidden_states=e, return_dict=False)[0]
+
+
+def _attention_layers(model):
+    from diffusers.models.attention_processor import Attention
+
+    return [m for m in model.modules() if isinstance(m, Attention)]
+
+
+ALL = ("attention", "group_norm", "channels_last")
+
+
+@pytest.mark.parametrize("which", [("attention",), ("group_norm",), ("channels_last",), ALL])
+def test_unet_passes_match_stock(tiny, which):
+    x, t, e = _unet_inputs()
+    ref = _run_unet(tiny.unet, x, t, e)
+    unet = copy.deepcopy(tiny.unet)
+    if "attention" in which:
+        passes.use_sdrt_attention(unet, kernel=False)
+    if "group_norm" in which:
+        passes.use_sdrt_group_norm(unet, kernel=False)
+    if "channels_last" in which:
+        passes.to_channels_last(unet)
+    out = _run_unet(unet, x, t, e, channels_last="channels_last" in which)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+
+
+def test_vae_passes_match_stock(tiny):
+    g = torch.Generator().manual_seed(1)
+    z, image = torch.randn(1, 4, 8, 8, generator=g), torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
+    with torch.inference_mode():
+        ref_dec = tiny.vae.decode(z, return_dict=False)[0]
+        ref_enc = tiny.vae.quant_conv(tiny.vae.encoder(image))
+    vae = passes.to_channels_last(passes.use_sdrt_group_norm(passes.use_sdrt_attention(
+        copy.deepcopy(tiny.vae), kernel=False), kernel=False))
+    cl = torch.channels_last
+    with torch.inference_mode():
+        dec = vae.decode(z.contiguous(memory_format=cl), return_dict=False)[0]
+        enc = vae.quant_conv(vae.encoder(image.contiguous(memory_format=cl)))
+    torch.testing.assert_close(dec, ref_dec, atol=ATOL, rtol=0)
+    torch.testing.assert_close(enc, ref_enc, atol=ATOL, rtol=0)
+
+
+def test_group_norm_pass_fuses_silu_where_it_follows(tiny):
+    from diffusers.models.resnet import ResnetBlock2D
+
+    unet = passes.use_sdrt_group_norm(copy.deepcopy(tiny.unet), kernel=False)
+    assert not any(type(m) is nn.GroupNorm for m in unet.modules())
+    resnets = [m for m in unet.modules() if isinstance(m, ResnetBlock2D)]
+    for r in resnets:  # norm -> SiLU fused; the temb path keeps its SiLU ahead of the projection
+        assert r.norm1.silu and r.norm2.silu and isinstance(r.nonlinearity, nn.Identity)
+        assert isinstance(r.time_emb_proj, nn.Sequential) and isinstance(r.time_emb_proj[0], nn.SiLU)
+    assert unet.conv_norm_out.silu and isinstance(unet.conv_act, nn.Identity)
+    fused = sum(isinstance(m, passes.GroupNormAct) and m.silu for m in unet.modules())
+    assert fused == 2 * len(resnets) + 1
+    # the transformers' input norms are not followed by SiLU
+    assert not unet.down_blocks[0].attentions[0].norm.silu
+    # the pass edits this instance only: the class and other instances stay stock
+    assert isinstance(tiny.unet.down_blocks[0].resnets[0].nonlinearity, nn.SiLU)
+    # state-dict keys of the norms are unchanged (weights are taken over, not copied)
+    assert "conv_norm_out.weight" in unet.state_dict()
+
+
+def test_fused_projections_share_weights(tiny):
+    unet = passes.use_sdrt_attention(copy.deepcopy(tiny.unet), kernel=False)
+    layers = _attention_layers(unet)
+    assert len(layers) == 14 and all(isinstance(m.processor, passes.SdrtAttnProcessor) for m in layers)
+    for attn in layers:
+        fused = attn.to_kv if attn.is_cross_attention else attn.to_qkv
+        first = attn.to_k if attn.is_cross_attention else attn.to_q
+        # the separate projections are views into the fused weights: no second copy of them
+        assert first.weight.data_ptr() == fused.weight.data_ptr()
+        assert attn.to_v.weight.untyped_storage().data_ptr() == fused.weight.untyped_storage().data_ptr()
+    # stock processors still work on the fused module (same values through to_q/to_k/to_v)
+    x, t, e = _unet_inputs(batch=1)
+    ref = _run_unet(tiny.unet, x, t, e)
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet.set_attn_processor(AttnProcessor2_0())
+    torch.testing.assert_close(_run_unet(unet, x, t, e), ref, atol=ATOL, rtol=0)
+
+
+def test_to_precision(tiny):
+    unet = passes.to_precision(copy.deepcopy(tiny.unet), torch.bfloat16)
+    assert {p.dtype for p in unet.parameters()} == {torch.bfloat16}
+
+
+# ---- the Triton kernels (interpreter on CPU) inside tiny blocks ----------------------------------------------------
+
+
+def _with_kernels(block):
+    passes.use_sdrt_attention(block, kernel=True)
+    return passes.to_channels_last(passes.use_sdrt_group_norm(block, kernel=True))
+
+
+def test_kernels_in_unet_block(tiny):
+    # CrossAttnDownBlock2D: ResnetBlock2D (two GroupNorm+SiLU), Transformer2DModel (GroupNorm, self-attention
+    # with fused QKV over 64 tokens, cross-attention over 77 text tokens, head size 4), downsampler.
+    block = tiny.unet.down_blocks[0]
+    g = torch.Generator().manual_seed(2)
+    x, temb, e = torch.randn(2, 32, 8, 8, generator=g), torch.randn(2, 128, generator=g), torch.randn(2, 77, 64)
+    with torch.inference_mode():
+        ref, _ = block(x, temb, encoder_hidden_states=e)
+        out, _ = _with_kernels(copy.deepcopy(block))(x.contiguous(memory_format=torch.channels_last), temb,
+                                                      encoder_hidden_states=e)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+
+
+def test_kernels_in_vae_mid_block(tiny):
+    # UNetMidBlock2D of the decoder: resnets plus the VAE's single-head attention on (B, C, H, W) input with its own
+    # GroupNorm over (B, C, HW) and a residual connection.
+    block = tiny.vae.decoder.mid_block
+    x = torch.randn(1, 32, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        ref = block(x)
+        out = _with_kernels(copy.deepcopy(block))(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)

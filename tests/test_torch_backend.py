@@ -1,0 +1,188 @@
+"""The torch backend against the eager one on the tiny preset.
+
+On CPU (fp32, no graph): the `denoise` verb gives the latents of the pipeline's own Python loop over the eager
+backend, for a multistep (pndm), an ancestral (euler-a, noise pre-drawn) and a second-order (dpmpp-2m) scheduler,
+and the decoded images agree to >= 40 dB PSNR. With CUDA: the captured CUDA-graph loop against the same loop
+uncaptured. The whole backend with the Triton kernels runs with CUDA, or on CPU under the interpreter with
+SDRT_SLOW=1 (a minute per UNet call there; tests/test_passes.py covers the kernels in tiny blocks by default).
+"""
+
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from sdrt import schedulers
+from sdrt.backends import Precision
+from sdrt.backends.eager import EagerBackend
+from sdrt.backends.torch_opt import TorchBackend, TorchOptions, create
+from sdrt.errors import SdrtError
+from sdrt.loop import bucket_key, denoise_loop
+from sdrt.models import load_model
+from sdrt.pipeline import GenerationRequest, Pipeline
+
+# tests/conftest.py defaults TRITON_INTERPRET to 1; the compiled kernels need TRITON_INTERPRET=0 on the command line.
+cuda = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                          reason="needs CUDA and TRITON_INTERPRET=0")
+STEPS = 4
+# Final latents are ~20 in magnitude; per-step differences of a few fp32 ulps (fused QKV GEMM, SDPA vs the stock
+# processor, channels-last convolutions) are carried through STEPS scheduler steps: observed <= 7e-5.
+LATENT_ATOL = 3e-4
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny")
+
+
+@pytest.fixture(scope="module")
+def eager(tiny):
+    return Pipeline.from_components(tiny, EagerBackend(copy.deepcopy(tiny)))
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+def _loop_inputs(pipe: Pipeline, request: GenerationRequest, device="cpu"):
+    """What the pipeline feeds its loop for `request` (txt2img): embeds, schedule, initial latents and every step's
+    noise, drawn from the seed's generator in diffusers' order (initial latents, then z_0, z_1, ...)."""
+    r = pipe.resolve(request)
+    sched = schedulers.make_schedule(r.scheduler, pipe.info.scheduler_config, r.steps)
+    embeds, _ = pipe.encode(r, r.guidance > 1, [])
+    g = torch.Generator("cpu").manual_seed(r.seed)
+    shape = (len(r.prompts) * r.batch, 4, r.height // 8, r.width // 8)
+    latents = torch.randn(shape, generator=g) * sched.init_noise_sigma
+    noise = None
+    if any(sched.draws_noise):
+        noise = torch.stack([torch.randn(shape, generator=g) if d else torch.zeros(shape) for d in sched.draws_noise])
+    return {"latents": latents.to(device), "encoder_hidden_states": embeds.to(device), "sched": sched.to(device),
+            "guidance": r.guidance, "noise": None if noise is None else noise.to(device)}
+
+
+def _pixels(backend, latents, vae_scale):
+    image = backend.vae_decoder(latents / vae_scale).float()
+    return (image * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+
+
+@pytest.mark.parametrize("scheduler", ["pndm", "euler-a", "dpmpp-2m"])
+def test_denoise_matches_eager_pipeline(tiny, eager, scheduler):
+    backend = TorchBackend(copy.deepcopy(tiny))  # CPU: fp32, no kernels, no graph
+    assert not backend.options.kernels and not backend.options.cuda_graph
+    request = GenerationRequest("a red cube", steps=STEPS, scheduler=scheduler, seed=7, guidance=6.0)
+    ref = eager.generate(request)
+    inputs = _loop_inputs(eager, request)
+    latents = backend.denoise(**inputs)
+    torch.testing.assert_close(latents, ref.latents, atol=LATENT_ATOL, rtol=0)
+    assert _psnr(_pixels(backend, latents, eager.info.vae_scale), ref.pixels) >= 40.0
+    # the device loop itself is the pipeline's loop op for op: over the eager UNet it is bit-exact
+    inputs["embeds"] = inputs.pop("encoder_hidden_states")
+    same = denoise_loop(lambda *a: eager.backend.unet(*a).float(), **inputs)
+    torch.testing.assert_close(same, ref.latents, atol=0, rtol=0)
+
+
+def test_pipeline_with_torch_backend(tiny, eager):
+    # Through the pipeline (its Python loop over the unet verb, or the denoise verb once the pipeline hands it the
+    # loop), with guidance off: one batch of N rows.
+    pipe = Pipeline.from_components(tiny, TorchBackend(copy.deepcopy(tiny)))
+    request = GenerationRequest("a house", steps=STEPS, scheduler="euler-a", seed=3, guidance=1.0)
+    ref, out = eager.generate(request), pipe.generate(request)
+    torch.testing.assert_close(out.latents, ref.latents, atol=LATENT_ATOL, rtol=0)
+    assert _psnr(out.pixels, ref.pixels) >= 40.0
+
+
+def test_vae_encoder_and_unet_verbs(tiny):
+    backend, ref = TorchBackend(copy.deepcopy(tiny)), EagerBackend(copy.deepcopy(tiny))
+    g = torch.Generator().manual_seed(5)
+    image = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
+    torch.testing.assert_close(backend.vae_encoder(image), ref.vae_encoder(image), atol=2e-5, rtol=0)
+    x, t, e = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([500.0, 500.0]), torch.randn(2, 77, 64)
+    torch.testing.assert_close(backend.unet(x, t, e), ref.unet(x, t, e), atol=2e-5, rtol=0)
+
+
+def test_options_and_errors(tiny, monkeypatch):
+    assert TorchOptions().resolve(torch.device("cpu")) == TorchOptions(kernels=False, cuda_graph=False)
+    with pytest.raises(SdrtError, match="CUDA graphs"):
+        TorchOptions(cuda_graph=True).resolve(torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(SdrtError, match="TRITON_INTERPRET"):
+        TorchOptions(kernels=True).resolve(torch.device("cpu"))
+    with pytest.raises(SdrtError, match="int8"):
+        create(Precision.INT8, components=tiny)
+    with pytest.raises(SdrtError, match="components"):
+        create(Precision.FP32)
+
+
+def test_kernels_are_wired_in(tiny, monkeypatch):
+    from sdrt.passes import GroupNormAct, SdrtAttnProcessor
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    backend = TorchBackend(copy.deepcopy(tiny), options=TorchOptions(kernels=True))
+    for model in (backend.unet_module, backend.vae):
+        procs = model.attn_processors.values()
+        assert procs and all(isinstance(p, SdrtAttnProcessor) and p.kernel for p in procs)
+        norms = [m for m in model.modules() if isinstance(m, GroupNormAct)]
+        assert norms and all(m.kernel for m in norms)
+        assert next(p for p in model.parameters() if p.dim() == 4).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_bucket_key(eager):
+    def key(scheduler="pndm", size=64, seed=0, guidance=7.5, prompts="a"):
+        inputs = _loop_inputs(eager, GenerationRequest(prompts, steps=4, scheduler=scheduler, height=size,
+                                                       width=size, seed=seed, guidance=guidance))
+        inputs.pop("guidance")
+        inputs["embeds"] = inputs.pop("encoder_hidden_states")
+        return bucket_key(**inputs)
+
+    # values (seed, guidance scale) are buffers of one graph; shapes, CFG on/off and the schedule are buckets
+    assert key() == key(seed=1, guidance=3.0)
+    assert len({key(), key(size=72), key(guidance=1.0), key(prompts=("a", "b")), key("euler-a"),
+                key("dpmpp-2m")}) == 6
+
+
+@pytest.mark.skipif(os.environ.get("SDRT_SLOW") != "1" and (not torch.cuda.is_available()
+                                                             or os.environ.get("TRITON_INTERPRET") == "1"),
+                    reason="Triton kernels on CPU take a minute in the interpreter: CUDA, or SDRT_SLOW=1")
+def test_denoise_with_kernels_matches_eager(tiny, eager):
+    # Triton kernels in every attention and GroupNorm; one step of dpmpp-2m, guidance off (batch 1) on CPU.
+    device = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+    backend = TorchBackend(copy.deepcopy(tiny), device=device, options=TorchOptions(kernels=True, cuda_graph=False))
+    request = GenerationRequest("a cat", steps=STEPS if device == "cuda" else 1, scheduler="dpmpp-2m", guidance=1.0)
+    ref = eager.generate(request)
+    latents = backend.denoise(**_loop_inputs(eager, request, device)).cpu()
+    torch.testing.assert_close(latents, ref.latents, atol=LATENT_ATOL, rtol=0)
+
+
+# ---- the captured loop (CUDA only) -----------------------------------------------------------------------------
+
+
+@cuda
+@pytest.mark.parametrize("precision", [Precision.FP32, Precision.FP16])
+@pytest.mark.parametrize("scheduler", ["pndm", "euler-a", "dpmpp-2m"])
+def test_captured_loop_matches_uncaptured(tiny, eager, scheduler, precision):
+    graphed = TorchBackend(copy.deepcopy(tiny), precision, "cuda")
+    plain = TorchBackend(copy.deepcopy(tiny), precision, "cuda", TorchOptions(cuda_graph=False))
+    assert graphed.options.cuda_graph and graphed.options.kernels
+    # fp32: the same kernels replayed, up to cuBLAS/autotuning choices; fp16: the rounding of fp16 activations
+    atol = 1e-3 if precision is Precision.FP32 else 5e-2
+    for seed, guidance in ((1, 7.5), (2, 3.0)):  # the second call replays the same graph with new buffers
+        inputs = _loop_inputs(eager, GenerationRequest("a tree", steps=STEPS, scheduler=scheduler, seed=seed,
+                                                        guidance=guidance), "cuda")
+        out = graphed.denoise(**inputs)
+        torch.testing.assert_close(out, plain.denoise(**inputs), atol=atol, rtol=0)
+        assert len(graphed.graphs) == 1
+    if precision is Precision.FP32:  # and the image is eager's (CPU, fp32)
+        ref = eager.generate(GenerationRequest("a tree", steps=STEPS, scheduler=scheduler, seed=2, guidance=3.0))
+        assert _psnr(_pixels(graphed, out, eager.info.vae_scale), ref.pixels) >= 40.0
+
+
+@cuda
+def test_one_graph_per_bucket(tiny, eager):
+    backend = TorchBackend(copy.deepcopy(tiny), Precision.FP16, "cuda")
+    for scheduler, size in (("pndm", 64), ("pndm", 64), ("pndm", 72), ("euler-a", 64)):
+        backend.denoise(**_loop_inputs(eager, GenerationRequest("x", steps=4, scheduler=scheduler, height=size,
+                                                                   width=size), "cuda"))
+    assert len(backend.graphs) == 3
