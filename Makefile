@@ -24,8 +24,18 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+DEMO_PROMPT ?= a photo of an astronaut riding a horse on the moon
+# tiny -> ONNX -> the same image on eager and on onnxruntime -> a side-by-side table (per-stage ms, PSNR).
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m sdrt info tiny
+	mkdir -p out
+	HF_HUB_OFFLINE=1 $(BIN)/sdrt info tiny
+	HF_HUB_OFFLINE=1 $(BIN)/sdrt export tiny -o out/tiny-onnx
+	HF_HUB_OFFLINE=1 $(BIN)/sdrt generate tiny "$(DEMO_PROMPT)" --seed 0 --backend eager -o out/demo-eager.png
+	HF_HUB_OFFLINE=1 $(BIN)/sdrt generate tiny "$(DEMO_PROMPT)" --seed 0 --backend onnxruntime \
+		--onnx-dir out/tiny-onnx -o out/demo-onnxruntime.png
+	HF_HUB_OFFLINE=1 $(BIN)/sdrt bench tiny --backends eager,onnxruntime --runs 3 --prompt "$(DEMO_PROMPT)" \
+		--markdown out/demo-bench.md --plot out/demo-bench.png
+	@echo "images: out/demo-eager.png out/demo-onnxruntime.png; table: out/demo-bench.md"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache out
