@@ -40,7 +40,7 @@ def row(request, context):
     ctx, inputs = context
     try:
         live = setup_row(parse_row(request.param), ctx)
-    except Exception as e:  # a backend that cannot run here is a skip with its reason, as in `sdrt bench`
+    except Exception as e:  # noqa: BLE001  (a backend that cannot run here is a skip with its reason)
         pytest.skip(f"{request.param}: {e}")
     live.inputs = inputs.to(live.device)
     yield live

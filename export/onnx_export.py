@@ -8,7 +8,8 @@ Incremental: a run whose key (format, sdrt version, source hash, precision, opse
 every component whose files still match their recorded sizes and hashes, and exports only the rest; when nothing
 is left it is a no-op and says so. A file without a matching manifest entry is never trusted: an interrupted run
 leaves either the old manifest (whose hashes the new files no longer match) or none. Temp folders left by a killed
-run are deleted at the start of the next one (one export per DIR at a time).
+run are deleted at the start of the next one (those of a live pid are left alone; still, run one export per DIR
+at a time: the last manifest written wins).
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ def export_model(model, out_dir, precision: str = "fp32", opset: int = 18, compo
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise SdrtError(f"output path {out_dir} exists and is not a directory")
+    if isinstance(model, (str, os.PathLike)) and not force:
+        up_to_date = _up_to_date(str(model), seed, out_dir, precision, opset, components, progress)
+        if up_to_date is not None:
+            return up_to_date
     c = _components(model, seed)
     specs = graph_specs(c)
     names = _select(components, specs, c.name)
@@ -90,7 +95,8 @@ def export_model(model, out_dir, precision: str = "fp32", opset: int = 18, compo
 
 
 def export_component(spec, out_dir: Path, precision: str, opset: int, c, threshold: int) -> dict:
-    """One graph, start to finish; returns its manifest entry. Only its final os.replace touches out_dir."""
+    """One graph, start to finish, in a private temp folder in out_dir; returns its manifest entry. Only the final
+    os.replace calls put files under their real names."""
     from sdrt.export.onnx_check import check_graph
     from sdrt.export.onnx_graph import io_dtypes, optimize, save, to_fp16, trace
     from sdrt.export.onnx_manifest import sha256_file
@@ -156,9 +162,34 @@ def _components(model, seed: int):
     return c
 
 
+def _up_to_date(model: str, seed: int, out_dir: Path, precision: str, opset: int, components,
+                progress: bool) -> dict | None:
+    """The no-op re-run without building the model: same weights hash, precision, opset, sdrt version, and every
+    requested component's file matching the manifest. None means: build the model and go the long way."""
+    from sdrt import __version__
+    from sdrt.export.onnx_manifest import FORMAT, entry_problem, read_manifest
+    from sdrt.models import source_hash
+
+    old = read_manifest(out_dir) if out_dir.is_dir() else None
+    if old is None or (old.get("format"), old.get("sdrt_version"), old.get("precision"), old.get("opset")) != (
+            FORMAT, __version__, precision, opset):
+        return None
+    entries = old.get("components", {})
+    wanted = [components] if isinstance(components, str) else list(components or entries)
+    if not wanted or any(n not in entries or entry_problem(out_dir, entries[n]) for n in wanted):
+        return None
+    if old.get("model", {}).get("source_hash") != source_hash(model, seed):
+        return None
+    if progress:
+        print(f"{out_dir}: up to date ({', '.join(wanted)}: same weights, precision, opset and sdrt version; "
+              f"files match the manifest), nothing to do (--force re-exports)", file=sys.stderr, flush=True)
+    return old
+
+
 def _select(components, specs: dict, model_name: str) -> list[str]:
     if not components:
         return list(specs)
+    components = [components] if isinstance(components, str) else list(components)
     from sdrt.export.onnx_specs import COMPONENTS
 
     for n in components:
@@ -172,10 +203,10 @@ def _header(c, precision: str, opset: int) -> dict:
     import onnx
     import onnxruntime
     import torch
-
-    from sdrt import __version__
     from sdrt.export.onnx_manifest import FORMAT
     from sdrt.export.onnx_specs import size_bounds, trace_shape
+
+    from sdrt import __version__
 
     b, h, w = trace_shape(c)
     return {"format": FORMAT, "sdrt_version": __version__, "precision": precision, "opset": opset,
@@ -202,10 +233,23 @@ def _save_tokenizers(c, out_dir: Path) -> None:
 
 
 def _clean_temp(out_dir: Path) -> None:
-    for p in out_dir.glob(f"{TMP_PREFIX}*"):
+    """Delete temp files left by exports that died (named after their pid); a running export's are left alone."""
+    stale = [(p, p.name[len(TMP_PREFIX):].split("-")[0]) for p in out_dir.glob(f"{TMP_PREFIX}*")]
+    stale += [(p, p.name.rsplit("-", 1)[1]) for p in out_dir.glob(".manifest.json.tmp-*")]
+    for p, pid in stale:
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    for p in out_dir.glob(".manifest.json.tmp-*"):
-        p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: exists, owned by someone else
+        return True
+    return True
 
 
 def _reset_peak_rss() -> float:
@@ -222,9 +266,10 @@ def _reset_peak_rss() -> float:
 def _peak_rss_mb() -> float:
     """Peak resident memory in MiB since the last reset (VmHWM); getrusage's lifetime peak where there is no /proc."""
     try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
     except OSError:
         pass
     import resource

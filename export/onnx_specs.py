@@ -52,7 +52,8 @@ class GraphSpec:
     def sample_inputs(self, batch: int, height: int, width: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
         """Inputs for a batch at height x width pixels, drawn from a fixed seed (the same for torch and ORT)."""
         g = torch.Generator().manual_seed(seed)
-        dims = dict(batch=batch, height=height, width=width, latent_height=height // 8, latent_width=width // 8)
+        dims = {"batch": batch, "height": height, "width": width, "latent_height": height // 8,
+                "latent_width": width // 8}
         return tuple(_fill(t, [dims.get(d, d) for d in t.shape], height, width, self.module, g) for t in self.inputs)
 
 

@@ -4,8 +4,9 @@ Protocol (why it is shaped this way: a shared, noisy machine must still give hon
   1. The reference row `eager` (fp32) is always run, first (added when not asked for): speedups and drift are
      against it, and its weights give every row the same tokenized prompt and stage inputs.
   2. Each row is set up alone: load weights, export ONNX (cached across runs), build the runtime, then `--warmup`
-     generations. Its peak memory is measured over exactly that: peak RSS above the RSS before it (CPU), or the CUDA
-     peak allocation (GPU). The first generation's image and latents give the drift against the reference.
+     generations and one untimed call of each stage (compilers specialise on shapes and strides). Its peak
+     memory is measured over exactly that: peak RSS above the RSS before it (CPU), or the CUDA peak allocation
+     (GPU). The first generation's image and latents give the drift against the reference.
   3. Then `--runs` rounds. In each round every live row, in turn (order reversed on odd rounds), times each stage
      once on the same inputs (text encoder, one UNet step at the CFG batch, VAE decode) and one full generation.
      Rows alternate within a round, so a load spike from a neighbour hits every row alike. `--sequential` instead
@@ -103,7 +104,16 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
 
     from sdrt import bench_report
     from sdrt.backends import default_device
-    from sdrt.bench_rows import Context, PeakMemory, is_reference, parse_row, setup_row, stage_inputs, unet_flops
+    from sdrt.bench_rows import (
+        Context,
+        PeakMemory,
+        is_reference,
+        parse_row,
+        setup_row,
+        stage_inputs,
+        time_stages,
+        unet_flops,
+    )
     from sdrt.models import load_model
     from sdrt.pipeline import GenerationRequest, ModelInfo, Pipeline
 
@@ -144,6 +154,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
                 first = row.generate(request)
                 for _ in range(cfg.warmup - 1):
                     row.generate(request)
+                time_stages(row.backend, inputs.to(row.device), row.device)  # a compiler may specialise on them
                 row.cold_s["warmup"] = time.perf_counter() - t
         except Exception as e:  # a row that cannot run says why and never breaks the table
             if reference is None and name == names[0]:

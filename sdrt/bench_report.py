@@ -36,7 +36,7 @@ def describe_row(row, mem, device) -> dict:
             "cold_start_s": {k: None if v is None else round(v, 2) for k, v in row.cold_s.items()},
             # GPU rows: the CUDA peak allocation; CPU rows: peak RSS above the process's RSS before the row began.
             "peak_mem_mb": mem.cuda_mb if on_gpu else mem.rss_mb, "peak_rss_mb": mem.rss_mb,
-            "peak_cuda_mb": mem.cuda_mb, "notes": list(row.notes)}
+            "held_rss_mb": mem.held_mb, "peak_cuda_mb": mem.cuda_mb, "notes": list(row.notes)}
 
 
 def drift(out, reference, is_reference: bool) -> dict:
@@ -117,9 +117,9 @@ def git_revision() -> str | None:
     root = Path(__file__).resolve().parent.parent
     try:
         rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
+                             timeout=10, check=False).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+                               capture_output=True, text=True, timeout=10, check=False).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return (rev + ("+dirty" if dirty else "")) or None
@@ -143,7 +143,8 @@ def markdown(report: dict) -> str:
             f"batch {q['batch']}, guidance {q['guidance']} (UNet batch {q['batch'] * (2 if q['guidance'] > 1 else 1)}"
             + (f", {gflop:.1f} GFLOP per UNet step" if gflop else "") + f"), {report['config']['runs']} runs")
     cols = ["backend", "precision", "text enc ms", "UNet step ms", "VAE dec ms", "e2e p50 ms", "e2e p90 ms",
-            "UNet vs eager", "e2e vs eager", "UNet TFLOP/s", "peak MB", "PSNR vs eager dB", "latent max-abs", "cold start s"]
+            "UNet vs eager", "e2e vs eager", "UNet TFLOP/s", "peak MB", "PSNR vs eager dB", "latent max-abs",
+            "cold start s"]
     lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in report["results"]:
         if r.get("skipped"):
@@ -162,7 +163,7 @@ def markdown(report: dict) -> str:
         lines.append("| " + " | ".join([
             r["backend"], r["precision"] or "-", _ms(r["text_encoder_ms"]), _ms(r["unet_step_ms"]),
             _ms(r["vae_decode_ms"]), _ms(r["e2e_ms"]["p50"]), _ms(r["e2e_ms"]["p90"]), _x(r["speedup_unet_vs_eager"]),
-            _x(r["speedup_e2e_vs_eager"]), "-" if r["unet_tflops"] is None else f"{r['unet_tflops']:.3f}",
+            _x(r["speedup_e2e_vs_eager"]), "-" if r["unet_tflops"] is None else f"{r['unet_tflops']:.3g}",
             _ms(r["peak_mem_mb"]), psnr, lma,
             cold_text]) + " |")
     v = env["versions"]

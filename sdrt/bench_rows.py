@@ -84,7 +84,7 @@ class StageInputs:
     time_ids: torch.Tensor | None        # SDXL: (2B, 6)
     latent: torch.Tensor      # (B, 4, h, w): the VAE decoder's input
 
-    def to(self, device) -> "StageInputs":
+    def to(self, device) -> StageInputs:
         move = (lambda t: None if t is None else t.to(device))
         return StageInputs([ids.to(device) for ids in self.input_ids], *(move(getattr(self, k)) for k in
                            ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids", "latent")))
@@ -102,7 +102,7 @@ def stage_inputs(components, batch: int, height: int, width: int, prompt: str, c
     sdxl = getattr(cfgu, "addition_embed_type", None) == "text_time"
     pooled = cfgu.projection_class_embeddings_input_dim - 6 * cfgu.addition_time_embed_dim if sdxl else 0
     return StageInputs(
-        ids, torch.randn(n, cfgu.in_channels, lh, lw, generator=g), torch.full((n,), 500.0),
+        ids, torch.randn(n, cfgu.in_channels, lh, lw, generator=g), torch.tensor(500.0).expand(n),  # as generate()
         torch.randn(n, ids[0].shape[1], cfgu.cross_attention_dim, generator=g),
         torch.randn(n, pooled, generator=g) if sdxl else None,
         torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).repeat(n, 1) if sdxl else None,
@@ -123,7 +123,7 @@ def time_stages(backend, x: StageInputs, device) -> dict[str, float]:
         sync(device)
         return (time.perf_counter() - t) * 1e3
 
-    te = sum(clock(lambda i=i: backend.text_encoder(i, ids)) for i, ids in enumerate(x.input_ids))
+    te = sum(clock(lambda i=i, ids=ids: backend.text_encoder(i, ids)) for i, ids in enumerate(x.input_ids))
     unet = clock(lambda: backend.unet(x.sample, x.timestep, x.encoder_hidden_states, x.text_embeds, x.time_ids))
     vae = clock(lambda: backend.vae_decoder(x.latent))
     return {"text_encoder_ms": te, "unet_step_ms": unet, "vae_decode_ms": vae}
@@ -144,7 +144,7 @@ def unet_flops(backend, x: StageInputs) -> int:
 # ---- memory: the peak a row adds to this process (RSS on CPU, allocated bytes on CUDA) ----------------------------
 
 def _status_kb(key: str) -> int:
-    return int(re.search(rf"^{key}:\s+(\d+)", Path("/proc/self/status").read_text(), re.M).group(1))
+    return int(re.search(rf"^{key}:\s+(\d+)", Path("/proc/self/status").read_text(), re.MULTILINE).group(1))
 
 
 def release_memory() -> None:
@@ -161,7 +161,7 @@ class PeakMemory:
     through /proc/self/clear_refs, or sampled every 10 ms where that is refused); m.cuda_mb: peak CUDA allocation."""
 
     def __init__(self, device):
-        self.device, self.rss_mb, self.cuda_mb, self._peak, self._stop = device, None, None, 0, None
+        self.device, self.rss_mb, self.held_mb, self.cuda_mb, self._peak, self._stop = device, None, None, None, 0, None
 
     def __enter__(self):
         release_memory()
@@ -187,11 +187,13 @@ class PeakMemory:
             peak = _status_kb("VmHWM")
         self.peak = peak
         self.rss_mb = round((peak - self.start) / 1024, 1)
+        self.held_mb = round((_status_kb("VmRSS") - self.start) / 1024, 1)  # what the row keeps after setting up
         if self.device.type == "cuda":
             self.cuda_mb = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
 
-    def include(self, earlier: "PeakMemory") -> None:
+    def include(self, earlier: PeakMemory) -> None:
         """Extend this measurement back to the start of `earlier` (the reference's weights load before its row)."""
+        self.held_mb = round(self.held_mb + self.start / 1024 - earlier.start / 1024, 1)
         self.start, self.peak = earlier.start, max(self.peak, earlier.peak)
         self.rss_mb = round((self.peak - self.start) / 1024, 1)
 
@@ -329,8 +331,9 @@ class DiffusersPeer:
         self.components, self.device, self.dtype = components, device, Precision(precision).torch_dtype
         sdxl = components.family is Family.SDXL
         cls = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
-        kw = dict(vae=components.vae, unet=components.unet, scheduler=self.scheduler(components.defaults["scheduler"]),
-                  tokenizer=components.tokenizers[0], text_encoder=components.text_encoders[0])
+        kw = {"vae": components.vae, "unet": components.unet,
+              "scheduler": self.scheduler(components.defaults["scheduler"]),
+              "tokenizer": components.tokenizers[0], "text_encoder": components.text_encoders[0]}
         if sdxl:
             kw.update(tokenizer_2=components.tokenizers[1], text_encoder_2=components.text_encoders[1])
         else:
@@ -347,7 +350,8 @@ class DiffusersPeer:
     @torch.inference_mode()
     def unet(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
         dev, dt = self.device, self.dtype
-        added = None if text_embeds is None else {"text_embeds": text_embeds.to(dev, dt), "time_ids": time_ids.to(dev, dt)}
+        added = None if text_embeds is None else {"text_embeds": text_embeds.to(dev, dt),
+                                                  "time_ids": time_ids.to(dev, dt)}
         return self.pipe.unet(sample.to(dev, dt), timestep.to(dev), encoder_hidden_states=encoder_hidden_states.to(
             dev, dt), added_cond_kwargs=added, return_dict=False)[0]
 

@@ -73,6 +73,21 @@ def load_model(model: str, dtype: torch.dtype = torch.float32, seed: int = 0) ->
     return c
 
 
+def source_hash(model: str, seed: int = 0) -> str:
+    """The weights' identity without building anything: caches (ONNX exports, engines) key on it, so an
+    up-to-date check costs a file hash (a few seconds for SD1.5), not a model build."""
+    if model in PRESETS:
+        return hashlib.sha256(f"preset:{model}:seed={seed}".encode()).hexdigest()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise SdrtError(f"model '{model}' is neither a preset ({', '.join(PRESETS)}) nor an existing path")
+    return hash_files(weight_files(path) if path.is_dir() else [path])
+
+
+def weight_files(folder: Path) -> list[Path]:
+    return sorted(folder.rglob("*.safetensors")) + sorted(folder.rglob("*.bin"))
+
+
 def build_text_encoder(cfg: dict, bos: int, eos: int):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -97,8 +112,7 @@ def build_preset(spec: ModelSpec, seed: int = 0) -> Components:
         unet = UNet2DConditionModel(**spec.unet)
         vae = AutoencoderKL(**spec.vae)
     return Components(spec.name, spec.family, tokenizers, text_encoders, unet, vae, dict(spec.scheduler),
-                      spec.default_size, f"preset:{spec.name}",
-                      hashlib.sha256(f"preset:{spec.name}:seed={seed}".encode()).hexdigest(), preset_defaults(spec))
+                      spec.default_size, f"preset:{spec.name}", source_hash(spec.name, seed), preset_defaults(spec))
 
 
 def preset_defaults(spec: ModelSpec) -> dict:
@@ -158,7 +172,7 @@ def load_diffusers_folder(path: Path) -> Components:
                     scheduler={"PNDMScheduler": "pndm", "DDIMScheduler": "ddim", "LCMScheduler": "lcm",
                                "EulerAncestralDiscreteScheduler": "euler-a"}.get(sched.get("_class_name"), "euler"))
     return Components(path.name, family, tokenizers, text_encoders, unet, vae, sched, size, str(path),
-                      hash_files(sorted(path.rglob("*.safetensors")) + sorted(path.rglob("*.bin"))), defaults)
+                      hash_files(weight_files(path)), defaults)
 
 
 def hash_files(files: list[Path]) -> str:

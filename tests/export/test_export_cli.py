@@ -3,9 +3,9 @@
 import argparse
 
 import pytest
+from sdrt.export import cli
 
 from sdrt.errors import SdrtError
-from sdrt.export import cli
 
 
 def parse(argv):

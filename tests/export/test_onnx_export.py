@@ -7,15 +7,16 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
-from sdrt import __version__
 from sdrt.export.onnx_check import TOLERANCE, compare, run_onnx, session
 from sdrt.export.onnx_manifest import load_manifest, sha256_file
 from sdrt.export.onnx_specs import graph_specs, trace_shape
 
+from sdrt import __version__
+
 TINY_IO = {  # the contract's names, dtypes and shapes for `tiny` (CLIP width 64, 4 latent channels)
     "text_encoder": ([("input_ids", "int64", ["batch", 77])],
-                     [("last_hidden_state", "float32", ["batch", 77, 64]), ("pooled_output", "float32", ["batch", 64])]),
+                     [("last_hidden_state", "float32", ["batch", 77, 64]),
+                      ("pooled_output", "float32", ["batch", 64])]),
     "unet": ([("sample", "float32", ["batch", 4, "latent_height", "latent_width"]),
               ("timestep", "float32", ["batch"]), ("encoder_hidden_states", "float32", ["batch", 77, 64])],
              [("noise_pred", "float32", ["batch", 4, "latent_height", "latent_width"])]),
@@ -115,10 +116,10 @@ def test_sdxl_contract(tiny_sdxl, sdxl_fp32):
 
 
 def test_sdxl_unet_at_other_shape(tiny_sdxl, sdxl_fp32):
-    m, out = sdxl_fp32
+    _, out = sdxl_fp32
     spec = graph_specs(tiny_sdxl)["unet"]
     args = spec.sample_inputs(3, 72, 48, seed=5)
     with torch.no_grad():
         ref = spec.module(*args)
-    max_abs, max_rel, finite = compare(run_onnx(session(out / "unet.onnx"), args), [ref])
+    _, max_rel, finite = compare(run_onnx(session(out / "unet.onnx"), args), [ref])
     assert finite and max_rel < 1e-4

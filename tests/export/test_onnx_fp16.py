@@ -5,7 +5,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from sdrt.export.onnx_check import TOLERANCE, compare, run_onnx, session
 from sdrt.export.onnx_specs import graph_specs
 
@@ -47,7 +46,7 @@ def test_fp16_finite_and_close_at_other_shape(tiny_sd2, sd2_fp16, name):
 
 
 def test_sd2_attention_scores_stay_fp32(sd2_fp16):
-    m, out = sd2_fp16
+    _, out = sd2_fp16
     g = onnx.load(str(out / "unet.onnx")).graph
     prod = producers(g)
     softmaxes = [n for n in g.node if n.op_type == "Softmax"]

@@ -6,14 +6,14 @@ import shutil
 
 import pytest
 import torch
-
-from sdrt.errors import SdrtError
 from sdrt.export import onnx_check
 from sdrt.export.onnx_check import compare, run_onnx, session
 from sdrt.export.onnx_export import export_model
 from sdrt.export.onnx_graph import EXTERNAL_DATA_THRESHOLD
 from sdrt.export.onnx_manifest import load_manifest
 from sdrt.export.onnx_specs import graph_specs
+
+from sdrt.errors import SdrtError
 
 TWO = ["text_encoder", "vae_decoder"]
 
@@ -58,13 +58,17 @@ def test_interrupted_export_is_not_trusted(tiny, tmp_path, monkeypatch, capsys):
     with pytest.raises(SdrtError, match="no manifest.json"):
         load_manifest(out, require=TWO)
     # a run killed harder (no `finally`) leaves a temp folder: the next run deletes it and exports everything
-    (out / ".sdrt-tmp-999-unet").mkdir()
-    (out / ".sdrt-tmp-999-unet" / "unet.onnx").write_bytes(b"half a graph")
+    dead = f".sdrt-tmp-{2**22 + 7}-unet"  # above Linux's largest pid_max: no such process
+    (out / dead).mkdir()
+    (out / dead / "unet.onnx").write_bytes(b"half a graph")
+    live = out / f".sdrt-tmp-{os.getppid()}-unet"  # a running export's folder is not touched
+    live.mkdir()
     monkeypatch.setattr(onnx_check, "check_graph", real)
     capsys.readouterr()
     m = export(tiny, out, progress=True)
     assert "text_encoder, vae_decoder" in capsys.readouterr().err.splitlines()[0]  # both exported, none kept
-    assert leftovers(out) == [] and load_manifest(out, require=TWO) == m
+    assert leftovers(out) == [live.name] and load_manifest(out, require=TWO) == m
+    live.rmdir()
 
     # now interrupt a re-export at another precision: the old manifest no longer matches the new 1st file
     monkeypatch.setattr(onnx_check, "check_graph", dies_on_second)
