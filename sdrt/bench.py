@@ -16,6 +16,7 @@ Stage times are medians over rounds; end-to-end has p50/p90/p99 (linear interpol
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -117,7 +118,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     from sdrt.models import load_model
     from sdrt.pipeline import GenerationRequest, ModelInfo, Pipeline
 
-    started = time.perf_counter()
+    started, load_start = time.perf_counter(), [round(x, 2) for x in os.getloadavg()]
     device = default_device(cfg.device)
     names = list(dict.fromkeys(cfg.backends))
     if not any(n.strip().lower() in ("eager", "eager:fp32") for n in names):
@@ -181,7 +182,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     bench_report.add_speedups(results, flops)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return {"config": asdict(cfg), "command": command_line(cfg), "env": bench_report.environment(device),
+    env = bench_report.environment(device) | {"load_avg_start": load_start}
+    return {"config": asdict(cfg), "command": command_line(cfg), "env": env,
             "request": {k: getattr(request, k) for k in ("steps", "guidance", "scheduler", "seed", "height", "width",
                                                          "batch")} | {"prompt": cfg.prompt,
                                                                       "unet_gflop_per_step": flops and flops / 1e9},
