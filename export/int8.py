@@ -44,37 +44,19 @@ def export_int8(model, fp32_onnx_dir, out_dir, calibration_prompts=None, calibra
     calibration_steps: denoising steps per calibration prompt. size: calibration and gate resolution in pixels
     (default: the model's). max_samples: UNet calls kept for calibration (evenly over all trajectories). recipe: a
     name in RECIPES or an Int8Recipe. force: export even if the gate fails, and redo an up-to-date export."""
-    from sdrt.export.int8_calibrate import DEFAULT_PROMPTS, read_prompts
-    from sdrt.export.int8_recipe import RECIPES, Int8Recipe
+    from sdrt.export.int8_calibrate import resolve_prompts
+    from sdrt.export.int8_recipe import get_recipe
     from sdrt.export.onnx_manifest import load_manifest, read_manifest, write_manifest
 
     say = (lambda s: print(s, file=sys.stderr, flush=True)) if progress else (lambda s: None)
-    if not isinstance(recipe, Int8Recipe):
-        if recipe not in RECIPES:
-            raise SdrtError(f"unknown int8 recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
-        recipe = RECIPES[recipe]
-    if isinstance(calibration_prompts, (str, os.PathLike)):
-        prompts = read_prompts(calibration_prompts)
-    else:
-        prompts = list(calibration_prompts or DEFAULT_PROMPTS)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise SdrtError("calibration prompts must be a non-empty list of strings")
+    recipe, prompts = get_recipe(recipe), resolve_prompts(calibration_prompts)
     if not isinstance(calibration_steps, int) or calibration_steps < 1:
         raise SdrtError(f"calibration steps must be an integer >= 1, got {calibration_steps!r}")
     c = _components(model)
-    if fp32_onnx_dir is None:  # the onnxruntime backend's cached fp32 export, made now if missing
-        from sdrt.backends import Precision
-        from sdrt.backends.onnxruntime import ensure_onnx
-
-        fp32_onnx_dir = ensure_onnx(c, Precision.FP32, log=say if progress else None)
-    fp32_dir, out_dir = Path(fp32_onnx_dir), Path(out_dir)
-    src = load_manifest(fp32_dir, require=["unet"], verify_hashes=False)
-    if src.get("precision") != "fp32":
-        raise SdrtError(f"{fp32_dir} is a {src.get('precision')} export; int8 is calibrated from an fp32 export")
+    fp32_dir, src = _fp32_source(c, fp32_onnx_dir, say if progress else None)
+    out_dir = Path(out_dir)
     if out_dir.resolve() == fp32_dir.resolve():
         raise SdrtError("the int8 export needs its own directory (it links the fp32 graphs it does not change)")
-    if c.source_hash != src["model"]["source_hash"]:
-        raise SdrtError(f"{fp32_dir} was exported from other weights than {c.name}; re-export it")
     size = int(size or c.default_size)
     settings = {"prompts": prompts, "steps": calibration_steps, "seed": seed, "size": size,
                 "max_samples": max_samples, "fp32_unet_sha256": src["components"]["unet"]["graph_sha256"],
@@ -171,18 +153,21 @@ def quantize(fp32_unet, out_unet, ranges: dict, excluded: dict, recipe) -> None:
              "OpTypesToExcludeOutputQuantization": list(recipe.float_outputs),
              # TensorRT takes float biases (it fuses them in float); ORT's QLinearConv wants int32 ones
              "QuantizeBias": not s8}
-    with tempfile.TemporaryDirectory(prefix="sdrt-int8-") as tmp:
+    # quantize_static reads its input with onnx, which refuses weight files that are symlinks or hard links (a
+    # shared export cache links them) and writes `<name>-inferred.onnx` beside it: give it a private copy, graph
+    # with named nodes, next to the output (same file system).
+    with tempfile.TemporaryDirectory(prefix="sdrt-int8-", dir=Path(out_unet).parent) as tmp:
         cache = Path(tmp) / "ranges.json"
         data = {k: (np.float32(a), np.float32(b)) for k, (a, b) in sorted(ranges.items())}
         save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), cache)
-        model_path = str(fp32_unet)
-        if _name_nodes(graph):  # exporters name every node; otherwise quantize a renamed full copy
-            model_path = str(Path(tmp) / "named.onnx")
-            full = onnx.load(str(fp32_unet))
-            _name_nodes(full)
-            onnx.save_model(full, model_path, save_as_external_data=external, location="named.onnx.data")
-            del full
-        quantize_static(model_path, str(out_unet), None, quant_format=QuantFormat.QDQ,
+        _name_nodes(graph)
+        model_path = Path(tmp) / Path(fp32_unet).name
+        onnx.save_model(graph, str(model_path))
+        for t in graph.graph.initializer if external else ():
+            loc = next((e.value for e in t.external_data if e.key == "location"), None)
+            if loc and not (Path(tmp) / loc).exists():
+                shutil.copyfile(Path(fp32_unet).parent / loc, Path(tmp) / loc)
+        quantize_static(str(model_path), str(out_unet), None, quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=list(recipe.op_types), per_channel=recipe.per_channel,
                         activation_type=QuantType.QInt8 if s8 else QuantType.QUInt8, weight_type=QuantType.QInt8,
                         nodes_to_exclude=sorted(excluded), calibrate_method=CalibrationMethod.MinMax,
@@ -291,23 +276,43 @@ def _write(src: dict, fp32_dir: Path, out_dir: Path, tmp: Path, report: dict, ga
 
 
 def _link(a: Path, b: Path) -> None:
-    """Hard link (same file system: no copy of a 500 MB text encoder), else copy."""
+    """A graph file is hard-linked (same file system: no copy of a 500 MB text encoder); a weights file (`.data`)
+    is copied, since onnx.load refuses external data with several hard links."""
     b.unlink(missing_ok=True)
     try:
+        if a.suffix == ".data":
+            raise OSError
         os.link(a, b)
     except OSError:
-        shutil.copy2(a, b)
+        shutil.copyfile(a, b)
 
 
-def _name_nodes(graph) -> bool:
-    """nodes_to_exclude works by node name: give unnamed (or duplicate) nodes stable names, op type and position.
-    Returns whether any node was renamed."""
-    seen, renamed = set(), False
+def _name_nodes(graph) -> None:
+    """nodes_to_exclude works by node name: give unnamed (or duplicate) nodes stable names, op type and position."""
+    seen = set()
     for i, n in enumerate(graph.graph.node):
         if not n.name or n.name in seen:
-            n.name, renamed = f"{n.op_type}_{i}", True
+            n.name = f"{n.op_type}_{i}"
         seen.add(n.name)
-    return renamed
+
+
+def _fp32_source(c, fp32_onnx_dir, log) -> tuple[Path, dict]:
+    """(dir, manifest) of the fp32 export to quantize: the given one, or the onnxruntime backend's cached export
+    (made now if missing); it must hold the same weights as the model."""
+    from sdrt.export.onnx_manifest import load_manifest
+
+    if fp32_onnx_dir is None:
+        from sdrt.backends import Precision
+        from sdrt.backends.onnxruntime import ensure_onnx
+
+        fp32_onnx_dir = ensure_onnx(c, Precision.FP32, log=log)
+    fp32_dir = Path(fp32_onnx_dir)
+    src = load_manifest(fp32_dir, require=["unet"], verify_hashes=False)
+    if src.get("precision") != "fp32":
+        raise SdrtError(f"{fp32_dir} is a {src.get('precision')} export; int8 is calibrated from an fp32 export")
+    if c.source_hash != src["model"]["source_hash"]:
+        raise SdrtError(f"{fp32_dir} was exported from other weights than {c.name}; re-export it")
+    return fp32_dir, src
 
 
 def _components(model):

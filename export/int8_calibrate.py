@@ -12,6 +12,7 @@ Everything is seeded: the same model, prompts and settings give the same ranges,
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,18 @@ def read_prompts(path) -> list[str]:
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise SdrtError(f"calibration prompts file {p}: no prompts (one per line)")
+    return prompts
+
+
+def resolve_prompts(prompts) -> list[str]:
+    """None: DEFAULT_PROMPTS; a path: read_prompts(path); else a non-empty list of strings."""
+    if prompts is None:
+        return list(DEFAULT_PROMPTS)
+    if isinstance(prompts, (str, os.PathLike)):
+        return read_prompts(prompts)
+    prompts = list(prompts)
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise SdrtError("calibration prompts must be a non-empty list of non-empty strings")
     return prompts
 
 

@@ -69,6 +69,17 @@ RECIPES = {
 }
 
 
+def get_recipe(recipe) -> Int8Recipe:
+    """An Int8Recipe, or the one named so in RECIPES."""
+    if isinstance(recipe, Int8Recipe):
+        return recipe
+    if recipe not in RECIPES:
+        from sdrt.errors import SdrtError
+
+        raise SdrtError(f"unknown int8 recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
+    return RECIPES[recipe]
+
+
 # ---- finding the fp32 islands in a graph ---------------------------------------------------------------------------
 
 def excluded_nodes(model, recipe: Int8Recipe, latent_input: str = "sample") -> dict[str, str]:
