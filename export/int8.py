@@ -29,6 +29,8 @@ from sdrt.errors import SdrtError
 # 30 dB on [0, 1] pixels is an RMS error of 0.032 (8 levels of 255): the same picture with texture-level
 # differences. Below it int8 changes composition, not just detail, which a runtime switch must not do silently.
 MIN_PSNR_DB = 30.0
+# The gate's prompt is held out of DEFAULT_PROMPTS: calibration must not be graded on its own inputs.
+GATE_PROMPT = "a cup of coffee on a windowsill, morning light"
 TMP_PREFIX = ".sdrt-tmp-"
 
 
@@ -38,12 +40,13 @@ def export_int8(model, fp32_onnx_dir, out_dir, calibration_prompts=None, calibra
                 progress: bool = True) -> dict:
     """Quantize the UNet of the fp32 export in `fp32_onnx_dir` into `out_dir`; returns the new manifest.
 
-    fp32_onnx_dir: an fp32 `sdrt export` of the same weights; None: the onnxruntime backend's cached one (exported
-    first if missing). model: MODEL string or fp32 `Components` (the eager pipeline that produces calibration inputs and the gate's
-    reference). calibration_prompts: None (DEFAULT_PROMPTS), a file (one prompt per line) or a list of prompts.
-    calibration_steps: denoising steps per calibration prompt. size: calibration and gate resolution in pixels
-    (default: the model's). max_samples: UNet calls kept for calibration (evenly over all trajectories). recipe: a
-    name in RECIPES or an Int8Recipe. force: export even if the gate fails, and redo an up-to-date export."""
+    model: MODEL string or fp32 `Components` (its eager pipeline makes the calibration inputs and the gate's
+    reference). fp32_onnx_dir: an fp32 `sdrt export` of the same weights; None: the onnxruntime backend's cached
+    one (exported first if missing). calibration_prompts: None (DEFAULT_PROMPTS), a file (one prompt per line) or
+    a list. calibration_steps: denoising steps per calibration prompt. size: calibration and gate resolution in
+    pixels (default: the model's). max_samples: UNet calls kept for calibration (evenly over all trajectories).
+    recipe: a name in RECIPES or an Int8Recipe. min_psnr, gate_seeds, gate_steps (default calibration_steps): the
+    quality gate. force: write even if the gate fails, and redo an up-to-date export."""
     from sdrt.export.int8_calibrate import resolve_prompts
     from sdrt.export.int8_recipe import get_recipe
     from sdrt.export.onnx_manifest import load_manifest, read_manifest, write_manifest
@@ -105,33 +108,31 @@ def export_int8(model, fp32_onnx_dir, out_dir, calibration_prompts=None, calibra
 def calibrate_and_quantize(c, fp32_unet, out_unet, prompts, steps, size, seed, recipe, max_samples=32,
                            say=lambda s: None) -> dict:
     """Record, calibrate and write the Q/DQ UNet to `out_unet`; returns the calibration summary."""
-    import onnx
+    from collections import Counter
 
-    from sdrt.backends.onnxruntime import physical_cores
+    import onnx
     from sdrt.export.int8_calibrate import collect_ranges, ranges_for, record_unet_inputs, tensors_to_calibrate
     from sdrt.export.int8_recipe import excluded_nodes
 
-    t = time.perf_counter()
+    from sdrt.backends.onnxruntime import physical_cores
+
+    t0 = time.perf_counter()
     feeds = record_unet_inputs(c, prompts, steps, size, seed=seed, max_samples=max_samples)
-    record_s = time.perf_counter() - t
     graph = onnx.load(str(fp32_unet), load_external_data=False)
     _name_nodes(graph)
     excluded = excluded_nodes(graph, recipe)
     names = tensors_to_calibrate(graph, recipe, excluded)
-    say(f"  {len(feeds)} UNet calls recorded in {record_s:.1f} s; calibrating {len(names)} activations "
+    t1 = time.perf_counter()
+    say(f"  {len(feeds)} UNet calls recorded in {t1 - t0:.1f} s; calibrating {len(names)} activations "
         f"({len(excluded)} nodes kept fp32)")
-    t = time.perf_counter()
     stats = collect_ranges(fp32_unet, feeds, names, recipe.percentile, threads=physical_cores())
-    calib_s = time.perf_counter() - t
-    t = time.perf_counter()
+    t2 = time.perf_counter()
     quantize(fp32_unet, out_unet, ranges_for(stats, recipe), excluded, recipe)
-    say(f"  ranges in {calib_s:.1f} s, Q/DQ graph in {time.perf_counter() - t:.1f} s")
-    kept: dict[str, int] = {}
-    for why in excluded.values():
-        kept[why.split(":")[0].split(" (")[0]] = kept.get(why.split(":")[0].split(" (")[0], 0) + 1
+    t3 = time.perf_counter()
+    say(f"  ranges in {t2 - t1:.1f} s, Q/DQ graph in {t3 - t2:.1f} s")
     return {"calls": len(feeds), "timesteps": sorted({round(x, 3) for x in stats.timesteps}),
-            "activations": len(names), "kept_fp32": kept, "record_s": round(record_s, 1),
-            "calibrate_s": round(calib_s, 1), "quantize_s": round(time.perf_counter() - t, 1)}
+            "activations": len(names), "kept_fp32": dict(Counter(why.split(":")[0] for why in excluded.values())),
+            "record_s": round(t1 - t0, 1), "calibrate_s": round(t2 - t1, 1), "quantize_s": round(t3 - t2, 1)}
 
 
 def quantize(fp32_unet, out_unet, ranges: dict, excluded: dict, recipe) -> None:
@@ -183,7 +184,6 @@ def quality(c, int8_unet, seeds=(0, 1), steps: int = 8, size: int | None = None,
 
     from sdrt.backends.eager import EagerBackend
     from sdrt.backends.onnxruntime import physical_cores
-    from sdrt.export.int8_calibrate import DEFAULT_PROMPTS
     from sdrt.image import psnr
     from sdrt.pipeline import GenerationRequest, Pipeline
 
@@ -197,7 +197,7 @@ def quality(c, int8_unet, seeds=(0, 1), steps: int = 8, size: int | None = None,
     size = int(size or c.default_size)
     dbs, max_abs, rel = [], 0.0, []
     for s in seeds:
-        req = GenerationRequest(prompt=prompt or DEFAULT_PROMPTS[0], steps=steps, seed=int(s), height=size,
+        req = GenerationRequest(prompt=prompt or GATE_PROMPT, steps=steps, seed=int(s), height=size,
                                 width=size)
         ref = Pipeline.from_components(c, eager).generate(req)
         got = Pipeline.from_components(c, swapped).generate(req)

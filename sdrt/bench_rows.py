@@ -76,7 +76,7 @@ class LiveRow:
 
 @dataclass
 class StageInputs:
-    input_ids: list           # per text encoder: (P, 77) int64, P = 2 prompts [negative; prompt] with CFG
+    input_ids: list           # per text encoder: (P, 77) int64; P = 2, [negative; prompt], with CFG (SDXL: 1)
     sample: torch.Tensor      # (2B, 4, h, w) float32
     timestep: torch.Tensor    # (2B,) float32
     encoder_hidden_states: torch.Tensor  # (2B, 77, C)
@@ -93,8 +93,11 @@ class StageInputs:
 def stage_inputs(components, batch: int, height: int, width: int, prompt: str, cfg: bool = True,
                  seed: int = 0) -> StageInputs:
     """Seeded inputs with the shapes the pipeline uses (values do not change the timings of dense networks)."""
+    from sdrt.specs import Family
+
     g = torch.Generator("cpu").manual_seed(seed)
-    texts = ["", prompt] if cfg else [prompt]
+    # SDXL's unconditional half is zeros when no negative prompt is given: only the prompt is encoded (pipeline.py).
+    texts = ["", prompt] if cfg and components.family is not Family.SDXL else [prompt]
     ids = [tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                return_tensors="pt").input_ids.to(torch.int64) for tok in components.tokenizers]
     cfgu = components.unet.config
@@ -208,6 +211,10 @@ class Context:
     tokenizers: list
     request: object             # the resolved GenerationRequest every row runs
     seed: int = 0
+    deadline: float | None = None  # time.perf_counter() by which an export or engine build must be done
+
+    def time_left(self) -> float | None:
+        return None if self.deadline is None else max(1.0, self.deadline - time.perf_counter())
 
 
 def setup_row(spec: RowSpec, ctx: Context, components=None) -> LiveRow:
@@ -266,19 +273,12 @@ def onnx_precision(spec: RowSpec) -> str:
 
 
 def build_engines(onnx_dir: Path, precision: str, ctx: Context) -> None:
-    """`sdrt build ONNX_DIR` for this benchmark's one shape (a static profile: TensorRT's fastest engine). The
-    engine cache in ONNX_DIR/tensorrt skips engines that are already up to date."""
-    import argparse
-
-    from sdrt.export import build_cli
-
+    """`sdrt build ONNX_DIR` for this benchmark's one shape (a static profile: TensorRT's fastest engine), in a
+    child process that the time budget can stop. ONNX_DIR/tensorrt's cache skips engines already up to date."""
     r = ctx.request
     names = ["text_encoder", "text_encoder_2"][: len(ctx.tokenizers)] + ["unet", "vae_decoder"]
-    argv = [str(onnx_dir), "--precision", precision, "--profile", f"{r.height}x{r.width}@{r.batch}",
-            "--components", ",".join(names)] + ([] if r.guidance > 1.0 else ["--no-cfg"])
-    parser = argparse.ArgumentParser(prog="sdrt build")
-    build_cli.add_arguments(parser)
-    build_cli.run(parser.parse_args(argv))
+    sdrt_cli(["build", str(onnx_dir), "--precision", precision, "--profile", f"{r.height}x{r.width}@{r.batch}",
+              "--components", ",".join(names)] + ([] if r.guidance > 1.0 else ["--no-cfg"]), ctx.time_left())
 
 
 def export_onnx(ctx: Context, precision: str) -> tuple[Path, float, bool]:
@@ -295,9 +295,29 @@ def export_onnx(ctx: Context, precision: str) -> tuple[Path, float, bool]:
     if m and m.get("precision") == precision and m.get("model", {}).get("source_hash") == ctx.info.source_hash:
         return out, sum(c.get("export_s") or 0.0 for c in m["components"].values()), True
     t = time.perf_counter()
-    ensure_onnx(load_model(ctx.model, seed=ctx.seed), Precision(precision), out)
-    release_memory()
+    if ctx.deadline is None:
+        ensure_onnx(load_model(ctx.model, seed=ctx.seed), Precision(precision), out)
+        release_memory()
+    else:  # a subprocess can be stopped when the budget runs out; an export in this process cannot
+        sdrt_cli(["export", ctx.model, "-o", str(out), "--precision", precision, "--seed", str(ctx.seed), "-q"],
+                 ctx.time_left())
     return out, time.perf_counter() - t, False
+
+
+def sdrt_cli(argv: list[str], timeout: float | None) -> None:
+    """`sdrt ARGV` in a child process; a timeout or a failure is an SdrtError with the child's last line."""
+    import subprocess
+    import sys
+
+    try:
+        done = subprocess.run([sys.executable, "-m", "sdrt", *argv], capture_output=True, text=True,
+                              timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise SdrtError(f"`sdrt {argv[0]}` did not finish within the time budget ({timeout:.0f} s left); run it "
+                        "once beforehand: its output is cached") from None
+    if done.returncode:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SdrtError(f"`sdrt {' '.join(argv)}` failed: {last}")
 
 
 def compile_eager(backend) -> None:
