@@ -264,6 +264,7 @@ def _write(src: dict, fp32_dir: Path, out_dir: Path, tmp: Path, report: dict, ga
              validation={**u.get("validation", {}), "int8_gate": gate}, export_s=round(seconds, 2))
     u["bytes"] = u["graph_bytes"] + (u["weights_bytes"] or 0)
     if data.exists():
+        data.chmod(0o644)  # onnx writes it 0600 (a temp file); the graphs beside it are world-readable
         os.replace(data, out_dir / data.name)
     elif (out_dir / data.name).exists():
         (out_dir / data.name).unlink()

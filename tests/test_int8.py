@@ -1,6 +1,7 @@
 """int8 export on `tiny`: the Q/DQ graph follows the recipe, weights are per channel, the export is reproducible,
 the quality gate passes and refuses, and onnxruntime:int8 runs the result."""
 
+import json
 import os
 
 import numpy as np
@@ -170,3 +171,20 @@ def test_onnxruntime_int8_backend_runs_the_export(tiny, int8):
     ref = Pipeline.from_components(tiny, make_backend("eager", components=tiny)).generate(req)
     assert np.isfinite(got.pixels).all()
     assert psnr(got.pixels, ref.pixels, peak=1.0) > 20.0
+
+
+def test_export_cli_int8(tmp_path, capsys):
+    from sdrt.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red car\na cat on a sofa\n")
+    out = tmp_path / "int8"
+    assert main(["export", "tiny", "-o", str(out), "--precision", "int8", "--calibration-prompts", str(prompts),
+                 "--calibration-steps", "2", "-q"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["precision"] == "int8" and m["int8"]["quality_gate"]["passed"]
+    assert "quality gate" in capsys.readouterr().out
+    assert main(["export", "tiny", "-o", str(tmp_path / "x"), "--precision", "int8",
+                 "--calibration-prompts", str(tmp_path / "missing.txt")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "missing.txt" in err

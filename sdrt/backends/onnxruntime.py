@@ -54,7 +54,12 @@ def ensure_onnx(components, precision: Precision, onnx_dir=None, log=None) -> Pa
     if not manifest_matches(onnx_dir, components, precision):
         if log is not None:
             log(f"exporting {components.name} to ONNX ({precision.value}) in {onnx_dir}: once, reused after")
-        export_model(components, onnx_dir, precision=precision.value, progress=log is not None)
+        if precision is Precision.INT8:  # calibrated on the model's own denoising steps, over the fp32 export
+            from sdrt.export.int8 import export_int8
+
+            export_int8(components, None, onnx_dir, progress=log is not None)
+        else:
+            export_model(components, onnx_dir, precision=precision.value, progress=log is not None)
     return onnx_dir
 
 
