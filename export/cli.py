@@ -45,6 +45,7 @@ def run(args) -> int:
 
 def run_int8(args) -> int:
     from sdrt.export.int8 import export_int8
+
     from sdrt.models import load_model
 
     m = export_int8(load_model(args.model, seed=args.seed), None, args.output,

@@ -166,8 +166,9 @@ def _up_to_date(model: str, seed: int, out_dir: Path, precision: str, opset: int
                 progress: bool) -> dict | None:
     """The no-op re-run without building the model: same weights hash, precision, opset, sdrt version, and every
     requested component's file matching the manifest. None means: build the model and go the long way."""
-    from sdrt import __version__
     from sdrt.export.onnx_manifest import FORMAT, entry_problem, read_manifest
+
+    from sdrt import __version__
     from sdrt.models import source_hash
 
     old = read_manifest(out_dir) if out_dir.is_dir() else None

@@ -26,12 +26,24 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
+from sdrt.export.engine_cache import (
+    TIMING_CACHE,
+    Action,
+    BuildLock,
+    Decision,
+    EngineKey,
+    atomic_write,
+    canonical_sha256,
+    decide,
+    onnx_digest,
+    read_manifest,
+    trusted_engine,
+    write_manifest,
+)
+from sdrt.export.trt_profiles import ComponentProfile, ProfileSpec, component_profiles, parse_profiles
+
 from sdrt import __version__
 from sdrt.errors import SdrtError
-from sdrt.export.engine_cache import (TIMING_CACHE, Action, BuildLock, Decision, EngineKey, atomic_write,
-                                      canonical_sha256, decide, onnx_digest, read_manifest, trusted_engine,
-                                      write_manifest)
-from sdrt.export.trt_profiles import ComponentProfile, ProfileSpec, component_profiles, parse_profiles
 
 COMPONENT_ORDER = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 

@@ -9,8 +9,10 @@ Protocol (why it is shaped this way: a shared, noisy machine must still give hon
      (GPU). The first generation's image and latents give the drift against the reference.
   3. Then `--runs` rounds. In each round every live row, in turn (order reversed on odd rounds), times each stage
      once on the same inputs (text encoder, one UNet step at the CFG batch, VAE decode) and one full generation.
-     Rows alternate within a round, so a load spike from a neighbour hits every row alike. `--sequential` instead
-     finishes and frees each row before the next (for models whose rows do not fit in memory together).
+     Rows alternate within a round, so a load spike from a neighbour hits every row alike. When the memory left
+     would not hold another setup as large as the largest so far, the rows set up until then are measured and
+     freed first (`group` in the report says which rows were measured together). `--sequential` finishes and
+     frees each row before the next (ratios then assume the machine stays equally busy).
 Stage times are medians over rounds; end-to-end has p50/p90/p99 (linear interpolation: with 3 runs p99 is ~max).
 """
 
@@ -141,10 +143,15 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     deadline = None if cfg.budget_s is None else started + 0.9 * cfg.budget_s
     ctx = Context(cfg.model, device, info, list(components.tokenizers), request, cfg.seed, deadline)
 
-    results, live, reference, flops = [], [], None, None
+    results, live, reference, flops, group = [], [], None, None, 0
     for name in names:
         result = {"backend": name, "skipped": None}
         results.append(result)
+        biggest = max((row.result["peak_rss_mb"] or 0 for row in live), default=0)
+        if live and available_mb() < 1.25 * biggest:  # the next setup might not fit beside the live rows
+            log(f"memory: {available_mb():.0f} MB left, measuring {len(live)} rows before the next is set up")
+            measure(live, request, cfg.runs, log)
+            group += 1
         if cfg.budget_s is not None and time.perf_counter() - started > 0.75 * cfg.budget_s:
             result["skipped"] = f"not started: 75% of the {cfg.budget_s:.0f} s time budget was spent"
             continue
@@ -176,9 +183,11 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         row.samples = {k: [] for k in ("text_encoder_ms", "unet_step_ms", "vae_decode_ms", "e2e_ms",
                                        "pipeline_unet_step_ms")}
         row.result, row.inputs = result, inputs.to(row.device)
+        result["group"] = group  # rows with the same group were measured in the same rounds
         if cfg.sequential:
             measure([row], request, cfg.runs, log)
             row = first = None  # nothing keeps the runtime: the next row's memory baseline starts clean
+            group += 1
         else:
             live.append(row)
     measure(live, request, cfg.runs, log)
@@ -214,3 +223,12 @@ def measure(rows: list, request, runs: int, log) -> None:
         row.result.update(bench_report.summarize(row.samples, request))
     rows.clear()  # the rows' runtimes go with the last references to them
     release_memory()
+
+
+def available_mb() -> float:
+    """MemAvailable from /proc/meminfo, in MB (inf where there is no /proc: no memory guard)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return float("inf")

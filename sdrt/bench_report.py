@@ -166,6 +166,12 @@ def markdown(report: dict) -> str:
             _x(r["speedup_e2e_vs_eager"]), "-" if r["unet_tflops"] is None else f"{r['unet_tflops']:.3g}",
             _ms(r["peak_mem_mb"]), psnr, lma,
             cold_text]) + " |")
+    groups = {}
+    for r in report["results"]:
+        if not r.get("skipped"):
+            groups.setdefault(r.get("group"), []).append(r["backend"])
+    if len(groups) > 1:  # ratios across groups assume the machine stayed equally busy between them
+        lines += ["", "Measured in separate rounds: " + "; ".join(", ".join(g) for g in groups.values()) + "."]
     v = env["versions"]
     lines += ["", f"Device: {env['gpu'] or env['cpu']} ({env['cpu_count']} CPUs, torch threads "
                   f"{env['torch_threads']}, load average {env['load_avg'][0]}); "

@@ -267,8 +267,8 @@ def setup_row(spec: RowSpec, ctx: Context, components=None) -> LiveRow:
 def onnx_precision(spec: RowSpec) -> str:
     """Which export a row reads: OpenVINO picks its precision at compile time from the fp32 graphs; onnxruntime and
     TensorRT read the export of their own precision (TensorRT builds fp16 engines from the fp16 graphs)."""
-    if spec.kind == "openvino":
-        return "fp32"
+    if spec.kind == "openvino":  # precision is a compile-time hint on the fp32 graphs, except the int8 export
+        return "int8" if spec.precision == "int8" else "fp32"
     return spec.precision or ("fp16" if spec.kind == "tensorrt" else "fp32")  # `sdrt build`'s default is fp16
 
 

@@ -67,15 +67,18 @@ def run(args) -> int:
 
     components = load_model(args.model)
     onnx_dir = args.onnx_dir
-    if spec.backend is Backend.ONNXRUNTIME:
+    if spec.backend in (Backend.ONNXRUNTIME, Backend.OPENVINO):
         from sdrt.backends.onnxruntime import ensure_onnx
 
-        onnx_dir = ensure_onnx(components, spec.precision or Precision.FP32, onnx_dir, log=say)
+        # OpenVINO picks fp32/bf16 at compile time from the fp32 graphs; int8 reads the Q/DQ export.
+        export = spec.precision if spec.backend is Backend.ONNXRUNTIME or spec.precision is Precision.INT8 else None
+        onnx_dir = ensure_onnx(components, export or Precision.FP32, onnx_dir, log=say)
     backend = make_backend(spec, components=components, onnx_dir=onnx_dir, device=args.device)
     pipe = Pipeline.from_components(components, backend)
     del components  # the backend holds what it needs; an ONNX backend frees the PyTorch weights here
     precision = getattr(backend, "precision", None)
-    used = f"{backend.name}:{precision.value}" if precision else backend.name  # what auto resolved to
+    # what auto resolved to; Precision is a str enum and OpenVINO reports its resolved hint as a plain str
+    used = f"{backend.name}:{getattr(precision, 'value', precision)}" if precision else backend.name
     t_ready = time.perf_counter()
 
     bar = None
@@ -109,7 +112,8 @@ def run(args) -> int:
     t = result.timings
     unet = t["unet_ms"]
     say(f"wrote {', '.join(map(str, paths))} ({r.width}x{r.height}, {r.scheduler} {r.steps} steps, seed {r.seed}, "
-        f"{used}) in {time.perf_counter() - t0:.2f} s: setup {t_ready - t0:.2f} s, generate {t['total_ms'] / 1e3:.2f} s "
+        f"{used}) in {time.perf_counter() - t0:.2f} s: setup {t_ready - t0:.2f} s, "
+        f"generate {t['total_ms'] / 1e3:.2f} s "
         f"(text {t['text_encoder_ms']:.0f} ms, unet {sum(unet) / max(len(unet), 1):.1f} ms/step x {len(unet)}, "
         f"vae {t['vae_decode_ms']:.0f} ms)")
     return 0

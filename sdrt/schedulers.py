@@ -214,7 +214,8 @@ def _schedule(name, timesteps: Tensor, rows: list, init_noise_sigma: float, clip
 
     hx, hm = max(len(r.sample) for r in rows), max(len(r.model) for r in rows)
     tables = {"scale_in": table("scale_in"), "c_sample": table("sample", hx), "c_model": table("model", hm),
-              "c_noise": table("noise"), "c_x0": table("x0"), "x0_of": table("x0_of"), "noise_in": table("noise_in")}  # fmt: skip
+              "c_noise": table("noise"), "c_x0": table("x0"), "x0_of": table("x0_of"),
+              "noise_in": table("noise_in")}
     draws = tuple(r.draws_noise for r in rows)
     return Schedule(name, timesteps, **tables, init_noise_sigma=float(init_noise_sigma), clip=clip, draws_noise=draws)
 

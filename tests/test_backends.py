@@ -153,3 +153,15 @@ def test_onnx_cache_exports_once_and_reuses(monkeypatch, tmp_path):
     assert len(calls) == 2
     backend = make_backend("onnxruntime", components=c)  # no onnx_dir: the cache
     assert backend.onnx_dir == first and len(calls) == 2
+
+
+def test_ensure_onnx_never_overwrites_a_foreign_export(sdxl, sdxl_onnx):
+    from sdrt.backends.onnxruntime import ensure_onnx
+
+    before = (sdxl_onnx / "manifest.json").read_bytes()
+    with pytest.raises(SdrtError, match="holds a fp32 export, not int8"):
+        ensure_onnx(sdxl, Precision.INT8, sdxl_onnx)
+    with pytest.raises(SdrtError, match="export of other weights"):
+        ensure_onnx(load_model("tiny-sdxl", seed=1), Precision.FP32, sdxl_onnx)
+    assert (sdxl_onnx / "manifest.json").read_bytes() == before
+    assert ensure_onnx(sdxl, Precision.FP32, sdxl_onnx) == sdxl_onnx  # its own export is reused as it is

@@ -50,6 +50,8 @@ def ensure_onnx(components, precision: Precision, onnx_dir=None, log=None) -> Pa
     log: a callable for the exporter's progress lines (None: quiet)."""
     from sdrt.export.onnx_export import export_model
 
+    if onnx_dir is not None:
+        refuse_foreign_export(Path(onnx_dir), components, precision)
     onnx_dir = Path(onnx_dir) if onnx_dir is not None else cache_dir(components, precision)
     if not manifest_matches(onnx_dir, components, precision):
         if log is not None:
@@ -63,6 +65,21 @@ def ensure_onnx(components, precision: Precision, onnx_dir=None, log=None) -> Pa
     return onnx_dir
 
 
+def refuse_foreign_export(onnx_dir: Path, components, precision: Precision) -> None:
+    """A directory the user named that holds another model's or another precision's export is never overwritten."""
+    from sdrt.export.onnx_manifest import read_manifest as read_raw
+
+    m = read_raw(onnx_dir) if onnx_dir.is_dir() else None
+    if m is None:
+        return
+    if m.get("precision") != precision.value:
+        raise SdrtError(f"{onnx_dir} holds a {m.get('precision')} export, not {precision.value}: pass another "
+                        "--onnx-dir (or none, to use the cache)")
+    if m.get("model", {}).get("source_hash") != components.source_hash:
+        raise SdrtError(f"{onnx_dir} holds an export of other weights ({m.get('model', {}).get('name')}): pass "
+                        "another --onnx-dir (or none, to use the cache)")
+
+
 def manifest_matches(onnx_dir: Path, components, precision: Precision) -> bool:
     """The quick check on every start: same weights, precision and sdrt version, every graph present with its
     recorded size (the exporter itself re-hashes the files before it skips anything)."""
@@ -74,7 +91,8 @@ def manifest_matches(onnx_dir: Path, components, precision: Precision) -> bool:
     if m is None:
         return False
     comps = m["components"]
-    needed = ["text_encoder", "text_encoder_2"][: len(components.text_encoders)] + ["unet", "vae_decoder", "vae_encoder"]
+    encoders = ["text_encoder", "text_encoder_2"][: len(components.text_encoders)]
+    needed = [*encoders, "unet", "vae_decoder", "vae_encoder"]
     return (m.get("precision") == precision.value and m.get("sdrt_version") == __version__
             and m.get("model", {}).get("source_hash") == components.source_hash
             and all(n in comps and entry_problem(onnx_dir, comps[n], verify_hashes=False) is None for n in needed))

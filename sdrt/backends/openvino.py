@@ -26,7 +26,9 @@ TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 OUTPUTS = {"text_encoder": {"last_hidden_state", "pooled_output", "penultimate_hidden_state"},
            "text_encoder_2": {"last_hidden_state", "pooled_output", "penultimate_hidden_state"},
            "unet": {"noise_pred"}, "vae_decoder": {"image"}, "vae_encoder": {"latent"}}
-HINTS = {None: None, "fp32": "f32", "bf16": "bf16"}  # sdrt precision -> INFERENCE_PRECISION_HINT
+# sdrt precision -> INFERENCE_PRECISION_HINT. int8 runs the Q/DQ export: its quantized convolutions and matmuls
+# run as int8 (OpenVINO reads Q/DQ natively), the rest at OpenVINO's default (bf16 here).
+HINTS = {None: None, "fp32": "f32", "bf16": "bf16", "int8": None}
 MAX_SHAPES = 3  # static mode: compiled shapes kept per graph, oldest dropped first
 
 
@@ -103,16 +105,17 @@ class OpenVINOBackend:
 
         precision = getattr(precision, "value", precision)
         if precision not in HINTS:
-            raise SdrtError(f"openvino runs fp32 or bf16 on the CPU, not {precision}")
+            raise SdrtError(f"openvino runs fp32, bf16 or int8 on the CPU, not {precision}")
         core = ov.Core()
         if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
             raise SdrtError("openvino:bf16 needs a CPU with AVX512-BF16 or AMX (this one has neither)")
         self.onnx_dir = Path(onnx_dir)
         # File sizes only: hashing a 3.4 GB UNet on every start is too slow. txt2img needs no VAE encoder.
         manifest = load_manifest(self.onnx_dir, require=["unet", "vae_decoder"], verify_hashes=False)
-        if manifest["precision"] != "fp32":
-            raise SdrtError(f"{onnx_dir}: openvino reads the fp32 export (this one is {manifest['precision']}); "
-                            "pick its precision with openvino:bf16 instead")
+        wanted = "int8" if precision == "int8" else "fp32"
+        if manifest["precision"] != wanted:
+            raise SdrtError(f"{onnx_dir}: openvino{':' + precision if precision else ''} reads the {wanted} export "
+                            f"(this one is {manifest['precision']})")
         config = {"PERFORMANCE_HINT": "LATENCY"}  # one request at a time, all cores on it
         if HINTS[precision]:
             config["INFERENCE_PRECISION_HINT"] = HINTS[precision]

@@ -61,7 +61,7 @@ def test_sd2_attention_scores_stay_fp32(sd2_fp16):
 
 
 def test_timestep_embedding_stays_fp32(sd2_fp16, sdxl_fp16):
-    for m, out in (sd2_fp16, sdxl_fp16):
+    for _, out in (sd2_fp16, sdxl_fp16):
         g = onnx.load(str(out / "unet.onnx")).graph
         kept = {"timestep"} | ({"time_ids"} if "time_ids" in {i.name for i in g.input} else set())
         assert {i.name for i in g.input if i.type.tensor_type.elem_type == FLOAT} == kept

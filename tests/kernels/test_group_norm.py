@@ -34,7 +34,8 @@ CPU_SHAPES = [
 
 # SD 1.5 / SDXL UNet: C 320..2560 (960 and 1920 after skip concatenation) at 64^2 and 128^2 (SDXL at 1024px);
 # the VAE decoder at 512px output: 4 to 16 channels per group over up to 512^2 pixels (a million values per group).
-GPU_SHAPES = [pytest.param(2, c, s, s, id=f"c{c}-{s}x{s}") for c in (320, 640, 960, 1280, 1920, 2560) for s in (64, 128)]
+GPU_SHAPES = [pytest.param(2, c, s, s, id=f"c{c}-{s}x{s}")
+              for c in (320, 640, 960, 1280, 1920, 2560) for s in (64, 128)]
 GPU_SHAPES += [pytest.param(1, c, s, s, id=f"vae-c{c}-{s}x{s}") for c, s in ((512, 128), (256, 256), (128, 512))]
 
 

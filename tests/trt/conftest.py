@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from sdrt.export.trt_build import BuiltEngine
 
 HIDDEN = 8  # text encoder width of the toy graphs

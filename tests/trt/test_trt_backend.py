@@ -60,7 +60,6 @@ def _ort(onnx_dir, component, feeds):
 @gpu
 def test_real_engines_match_onnxruntime(tmp_path, make_onnx_dir):
     import torch
-
     from sdrt.export.trt_build import BuildOptions, TensorRTBuilder, build_engines
     from sdrt.export.trt_profiles import parse_profiles
 

@@ -6,11 +6,11 @@ import hashlib
 import json
 
 import pytest
-
-from sdrt.errors import SdrtError
 from sdrt.export.engine_cache import BuildLock, load_trusted
 from sdrt.export.trt_build import BuildOptions, Mode, build_engines, summary
 from sdrt.export.trt_profiles import parse_profiles
+
+from sdrt.errors import SdrtError
 
 ALL = ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
 OPTS = BuildOptions(precision="fp16", profiles=parse_profiles(["64x64@1-2"], 64))

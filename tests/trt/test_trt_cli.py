@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import pytest
+from sdrt.export import build_cli
 
 from sdrt.backends.tensorrt import tensorrt_available
 from sdrt.errors import SdrtError
-from sdrt.export import build_cli
 
 HAVE_TRT = tensorrt_available()[0]
 

@@ -10,10 +10,20 @@ import threading
 import time
 
 import pytest
+from sdrt.export.engine_cache import (
+    Action,
+    BuildLock,
+    EngineKey,
+    atomic_write,
+    check_compatible,
+    decide,
+    load_trusted,
+    onnx_digest,
+    read_manifest,
+    write_manifest,
+)
 
 from sdrt.errors import SdrtError
-from sdrt.export.engine_cache import (Action, BuildLock, EngineKey, atomic_write, check_compatible, decide,
-                                      load_trusted, onnx_digest, read_manifest, write_manifest)
 
 KEY = EngineKey(component="unet", graph_sha256="g", weights_sha256="w", precision="fp16", quantization=None,
                 profiles_sha256="p", build_options="opt_level=3 refit=0", trt_version="10.0.1",

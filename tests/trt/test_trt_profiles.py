@@ -3,11 +3,20 @@
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sdrt.export.trt_profiles import (
+    ComponentProfile,
+    InputRange,
+    ProfileSpec,
+    Span,
+    bucket_for,
+    component_profiles,
+    derive_profile,
+    parse_profile,
+    parse_profiles,
+    select_profile,
+)
 
 from sdrt.errors import SdrtError
-from sdrt.export.trt_profiles import (ComponentProfile, InputRange, ProfileSpec, Span, bucket_for,
-                                      component_profiles, derive_profile, parse_profile, parse_profiles,
-                                      select_profile)
 
 TEXT = [{"name": "input_ids", "shape": ["batch", 77]}]
 UNET = [{"name": "sample", "shape": ["batch", 4, "latent_height", "latent_width"]},
