@@ -124,6 +124,7 @@ def test_errors_are_one_line(onnx_dir, tmp_path):
 
 def test_int8_runs_the_qdq_export(onnx_dir, tmp_path):
     from sdrt.export.int8 import export_int8
+
     from sdrt.image import psnr
     from sdrt.pipeline import GenerationRequest, Pipeline
 
