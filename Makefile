@@ -37,5 +37,21 @@ demo: $(STAMP)
 		--markdown out/demo-bench.md --plot out/demo-bench.png
 	@echo "images: out/demo-eager.png out/demo-onnxruntime.png; table: out/demo-bench.md"
 
+# pytest-benchmark per stage (SDRT_BENCH_MODEL=sd15 SDRT_BENCH_SIZE=256 for the real model); not part of `make test`.
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest benchmarks/test_stages.py -p no:cacheprovider
+
+# The GPU suite runs on a machine where torch and triton are preinstalled system-wide: no venv (it would pull a CPU
+# torch). diffusers (and anything else missing) may travel as wheels in .whl/; sdrt installs from this tree.
+gpu-suite:
+	@test -n "$(OUT)" || { echo "usage: make gpu-suite OUT=DIR" >&2; exit 2; }
+	if [ -d .whl ]; then $(PYTHON) -m pip install -q --no-deps --no-index .whl/*.whl; fi
+	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
+	HF_HUB_OFFLINE=1 TRITON_INTERPRET=0 $(PYTHON) benchmarks/gpu_suite.py --out "$(OUT)"
+
+# The same suite at tiny sizes on the CPU (Triton through its interpreter): proves it runs before a GPU is there.
+gpu-suite-dry: $(STAMP)
+	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 $(BIN)/python benchmarks/gpu_suite.py --dry-run --out out/gpu-suite-dry
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache out
