@@ -10,7 +10,7 @@ def add_arguments(p) -> None:
                    "or .safetensors checkpoint")
     p.add_argument("-o", "--output", required=True, metavar="DIR",
                    help="output directory: DIR/<component>.onnx and DIR/manifest.json")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"),
+    p.add_argument("--precision", default="fp32",
                    help="fp32 (default); fp16 (fp16 graphs keep the timestep embedding, SD 2.x attention scores and "
                    "SDXL's VAE in fp32); int8 (a Q/DQ UNet calibrated on real denoising steps, with a quality gate)")
     p.add_argument("--calibration-prompts", metavar="FILE", help="int8: one prompt per line (default: 12 built-in)")
@@ -30,6 +30,10 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from sdrt.errors import SdrtError
+
+    if args.precision not in ("fp32", "fp16", "int8"):
+        raise SdrtError(f"precision '{args.precision}' is not one of fp32, fp16, int8")
     if args.precision == "int8":
         return run_int8(args)
     from sdrt.export.onnx_export import export_model

@@ -151,6 +151,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         if live and available_mb() < 1.25 * biggest:  # the next setup might not fit beside the live rows
             log(f"memory: {available_mb():.0f} MB left, measuring {len(live)} rows before the next is set up")
             measure(live, request, cfg.runs, log)
+            row = first = None  # the measured rows are freed before the next setup
             group += 1
         if cfg.budget_s is not None and time.perf_counter() - started > 0.75 * cfg.budget_s:
             result["skipped"] = f"not started: 75% of the {cfg.budget_s:.0f} s time budget was spent"
