@@ -45,8 +45,8 @@ bench: $(STAMP)
 # torch). diffusers (and anything else missing) may travel as wheels in .whl/; sdrt installs from this tree.
 gpu-suite:
 	@test -n "$(OUT)" || { echo "usage: make gpu-suite OUT=DIR" >&2; exit 2; }
-	if [ -d .whl ]; then $(PYTHON) -m pip install -q --no-deps --no-index .whl/*.whl; fi
-	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
+	if [ -d .whl ]; then PIP_BREAK_SYSTEM_PACKAGES=1 $(PYTHON) -m pip install -q --no-deps --no-index .whl/*.whl; fi
+	PIP_BREAK_SYSTEM_PACKAGES=1 $(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
 	HF_HUB_OFFLINE=1 TRITON_INTERPRET=0 $(PYTHON) benchmarks/gpu_suite.py --out "$(OUT)"
 
 # The same suite at tiny sizes on the CPU (Triton through its interpreter): proves it runs before a GPU is there.
