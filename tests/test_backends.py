@@ -8,13 +8,7 @@ from sdrt.backends import Backend, BackendSpec, Precision, make_backend, parse_s
 from sdrt.errors import SdrtError
 from sdrt.models import load_model
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()  # see tests/test_pipeline.py: a shared machine, tiny models
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

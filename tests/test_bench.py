@@ -20,16 +20,7 @@ ROW_KEYS = {"backend", "kind", "precision", "device", "text_encoder_ms", "unet_s
             "peak_mem_mb", "psnr_vs_eager", "latent_max_abs_vs_eager", "samples", "skipped"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Shared CI machines oversubscribe their cores, and torch's OpenMP barriers then wait a scheduler quantum per
-    op (tiny's text encoder: 1 ms on one thread, 60-200 ms on two). These tests check results, not speed."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

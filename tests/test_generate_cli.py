@@ -4,7 +4,6 @@ import argparse
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from sdrt import generate
@@ -17,12 +16,7 @@ from sdrt.pipeline import GenerationRequest, Pipeline
 FAST = ["--steps", "2", "--scheduler", "ddim"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()  # see tests/test_pipeline.py: a shared machine, tiny models
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def run_cli(capsys, *argv):

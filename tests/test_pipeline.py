@@ -27,14 +27,7 @@ DIFFUSERS_SCHEDULERS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The CI machine is shared: with every core busy, torch's OpenMP threads wait on each other (measured 20x slower
-    # on 2 cores under load). One thread is fast and deterministic enough for tiny models.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
