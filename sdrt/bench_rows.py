@@ -394,9 +394,14 @@ class DiffusersPeer:
             return kw
 
         t = time.perf_counter()
+        # The initial latents are drawn in fp32, as sdrt draws them, and handed over: diffusers would draw them in
+        # the pipeline's dtype, and CPU randn in fp16 is another sequence than fp32 (a different image, ~12 dB).
+        # The generator then goes on to the per-step noise of ancestral schedulers, in sdrt's order.
+        g = torch.Generator("cpu").manual_seed(r.seed)
+        shape = (len(r.prompts) * r.batch, self.pipe.unet.config.in_channels, r.height // 8, r.width // 8)
+        latents = torch.randn(shape, generator=g, dtype=torch.float32).to(self.device, self.dtype)
         out = self.pipe(prompt=r.prompts, negative_prompt=r.negative_prompt, num_inference_steps=r.steps,
                         guidance_scale=r.guidance, height=r.height, width=r.width, num_images_per_prompt=r.batch,
-                        generator=torch.Generator("cpu").manual_seed(r.seed), output_type="np",
-                        callback_on_step_end=keep_latents)
+                        generator=g, latents=latents, output_type="np", callback_on_step_end=keep_latents)
         sync(self.device)
         return PeerResult(out.images, final["latents"].float().cpu(), {"total_ms": (time.perf_counter() - t) * 1e3})

@@ -87,6 +87,14 @@ def test_bench_adds_the_reference_and_runs_a_peer_sequentially(tmp_path):
     assert rows[1]["psnr_vs_eager"] is None or rows[1]["psnr_vs_eager"] > 60
 
 
+def test_diffusers_peer_in_fp16_starts_from_the_same_noise():
+    # diffusers draws its initial latents in the pipeline's dtype, and CPU randn in fp16 is another sequence than in
+    # fp32: left to itself the fp16 peer paints another image (12 dB on sd15). Drift must be fp16 rounding only.
+    report = bench.run_bench(bench.BenchConfig("tiny", ("diffusers:fp16",), steps=2, runs=1, sequential=True),
+                             log=lambda m: None)
+    assert report["results"][1]["psnr_vs_eager"] > 35
+
+
 def test_bad_arguments_are_one_line_errors():
     with pytest.raises(SdrtError, match="--runs"):
         bench.config_from_args(parse(["tiny", "--runs", "0"]))
@@ -121,7 +129,7 @@ def test_gpu_suite_dry_run(tmp_path, cache):
     report = json.loads((tmp_path / "gpu_suite.json").read_text())
     assert report["suite"]["dry_run"] and report["config"]["model"] == "tiny"
     rows = {r["backend"]: r for r in report["results"]}
-    assert list(rows) == list(suite.ROWS)
+    assert list(rows) == [r for r in suite.ROWS if not r.startswith("torch.compile")]  # no CPU compile in CI
     check_row(rows["eager"], runs=1)
     assert rows["tensorrt:fp16"]["skipped"]  # no TensorRT on a CPU machine: a reason, not a crash
     assert isinstance(report["kernels"], list) and report["kernels"]
