@@ -7,7 +7,7 @@ TORCH  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo to
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench gpu-suite gpu-suite-dry lint clean
+.PHONY: install test demo bench gpu-install gpu-test gpu-suite gpu-suite-dry lint clean
 
 install: $(STAMP)
 
@@ -41,12 +41,23 @@ demo: $(STAMP)
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest benchmarks/test_stages.py -p no:cacheprovider
 
-# The GPU suite runs on a machine where torch and triton are preinstalled system-wide: no venv (it would pull a CPU
-# torch). diffusers (and anything else missing) may travel as wheels in .whl/; sdrt installs from this tree.
-gpu-suite:
-	@test -n "$(OUT)" || { echo "usage: make gpu-suite OUT=DIR" >&2; exit 2; }
+# The GPU targets run where torch and triton are preinstalled system-wide: no venv (it would pull a CPU torch).
+# diffusers (and anything else missing) may travel as wheels in .whl/; sdrt installs from this tree.
+gpu-install:
 	if [ -d .whl ]; then PIP_BREAK_SYSTEM_PACKAGES=1 $(PYTHON) -m pip install -q --no-deps --no-index .whl/*.whl; fi
 	PIP_BREAK_SYSTEM_PACKAGES=1 $(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
+
+# The tests CI skips: kernels compiled at full SD shapes, bf16, the captured loop. ~2-3 min on an H100 with 8
+# pytest-xdist workers (Triton compiles dominate); GPU_PYTEST_ARGS= runs them serially.
+GPU_PYTEST_ARGS ?= -n 8
+gpu-test: gpu-install
+	HF_HUB_OFFLINE=1 TRITON_INTERPRET=0 $(PYTHON) -m pytest tests/kernels tests/test_torch_backend.py \
+		-p no:cacheprovider $(GPU_PYTEST_ARGS)
+
+# sd15 512x512 50 steps, every GPU row and the kernel benchmarks, in its 480 s budget (~7 min on an H100).
+gpu-suite:
+	@test -n "$(OUT)" || { echo "usage: make gpu-suite OUT=DIR" >&2; exit 2; }
+	$(MAKE) gpu-install
 	HF_HUB_OFFLINE=1 TRITON_INTERPRET=0 $(PYTHON) benchmarks/gpu_suite.py --out "$(OUT)"
 
 # The same suite at tiny sizes on the CPU (Triton through its interpreter): proves it runs before a GPU is there.

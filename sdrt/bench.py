@@ -150,7 +150,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         biggest = max((row.result["peak_rss_mb"] or 0 for row in live), default=0)
         if live and available_mb() < 1.25 * biggest:  # the next setup might not fit beside the live rows
             log(f"memory: {available_mb():.0f} MB left, measuring {len(live)} rows before the next is set up")
-            measure(live, request, cfg.runs, log)
+            measure(live, request, cfg.runs, log, deadline)
             row = first = None  # the measured rows are freed before the next setup
             group += 1
         if cfg.budget_s is not None and time.perf_counter() - started > 0.75 * cfg.budget_s:
@@ -186,12 +186,12 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         row.result, row.inputs = result, inputs.to(row.device)
         result["group"] = group  # rows with the same group were measured in the same rounds
         if cfg.sequential:
-            measure([row], request, cfg.runs, log)
+            measure([row], request, cfg.runs, log, deadline)
             row = first = None  # nothing keeps the runtime: the next row's memory baseline starts clean
             group += 1
         else:
             live.append(row)
-    measure(live, request, cfg.runs, log)
+    measure(live, request, cfg.runs, log, deadline)
     bench_report.add_speedups(results, flops)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -203,12 +203,16 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             "wall_s": round(time.perf_counter() - started, 1), "results": results}
 
 
-def measure(rows: list, request, runs: int, log) -> None:
+def measure(rows: list, request, runs: int, log, deadline: float | None = None) -> None:
     """`runs` rounds over `rows`: per row one sample of each stage and one end-to-end generation; then summarize
-    into each row's result and release the row."""
+    into each row's result and release the row. Past `deadline` (the time budget) no new round starts once every
+    row has one: a report with fewer rounds beats a suite killed before it writes anything."""
     from sdrt.bench_rows import release_memory, time_stages
 
     for r in range(runs):
+        if r and deadline is not None and time.perf_counter() > deadline:
+            log(f"time budget spent: {r} of {runs} rounds measured")
+            break
         for row in rows if r % 2 == 0 else rows[::-1]:  # alternate the order: no row always runs after another
             for k, v in time_stages(row.backend, row.inputs, row.device).items():
                 row.samples[k].append(v)
@@ -222,6 +226,7 @@ def measure(rows: list, request, runs: int, log) -> None:
 
     for row in rows:
         row.result.update(bench_report.summarize(row.samples, request))
+        row.result["rounds"] = len(row.samples["e2e_ms"])
     rows.clear()  # the rows' runtimes go with the last references to them
     release_memory()
 

@@ -139,13 +139,22 @@ def _x(v) -> str:
     return "-" if v is None else f"{v:.2f}x"
 
 
+def _runs(report: dict) -> str:
+    """The rounds measured: the configured number, or fewer where the time budget cut them short."""
+    asked = report["config"]["runs"]
+    done = sorted({r["rounds"] for r in report["results"] if r.get("rounds") is not None})
+    if not done or done == [asked]:
+        return str(asked)
+    return f"{'/'.join(map(str, done))} of {asked} (time budget)"
+
+
 def markdown(report: dict) -> str:
     """The table for an issue: one line per row, skipped rows with their reason, then where it ran."""
     q, env = report["request"], report["env"]
     gflop = q.get("unet_gflop_per_step")
     head = (f"**{report['config']['model']}** {q['width']}x{q['height']}, {q['steps']} steps ({q['scheduler']}), "
             f"batch {q['batch']}, guidance {q['guidance']} (UNet batch {q['batch'] * (2 if q['guidance'] > 1 else 1)}"
-            + (f", {gflop:.1f} GFLOP per UNet step" if gflop else "") + f"), {report['config']['runs']} runs")
+            + (f", {gflop:.1f} GFLOP per UNet step" if gflop else "") + f"), {_runs(report)} runs")
     cols = ["backend", "precision", "text enc ms", "UNet step ms", "VAE dec ms", "e2e p50 ms", "e2e p90 ms",
             "UNet vs eager", "e2e vs eager", "UNet TFLOP/s", "peak MB", "PSNR vs eager dB", "latent max-abs",
             "cold start s"]
@@ -189,7 +198,7 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, path) -> Path:
-    """Per-stage latency by backend: one panel per stage, one bar per row, labelled with ms and x vs eager."""
+    """Latency by backend: one panel per stage and one end to end, one bar per row, labelled with ms and x vs eager."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display; set before pyplot is imported
@@ -197,14 +206,16 @@ def plot(report: dict, path) -> Path:
 
     rows = [r for r in report["results"] if not r.get("skipped")]
     names = [r["backend"] for r in rows]
-    fig, axes = plt.subplots(1, len(STAGES), figsize=(4.5 * len(STAGES), 1.2 + 0.45 * len(rows)), squeeze=False)
-    for ax, stage in zip(axes[0], STAGES):
-        ms = [r[stage] for r in rows]
+    # The stages, then what a user waits for: the whole generation (a loop captured as one graph shows only here).
+    panels = [(STAGE_LABELS[s], [r[s] for r in rows]) for s in STAGES]
+    panels.append(("end to end (p50)", [r["e2e_ms"]["p50"] for r in rows]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 1.2 + 0.45 * len(rows)), squeeze=False)
+    for ax, (title, ms) in zip(axes[0], panels):
         ax.barh(names, ms, color=["#888888" if i == 0 else "#3b75af" for i in range(len(rows))])
         ref = ms[0] if ms else None
         for i, v in enumerate(ms):
             ax.text(v, i, f" {_ms(v)}" + (f" ({ref / v:.2f}x)" if ref and i else ""), va="center", fontsize=8)
-        ax.set_title(STAGE_LABELS[stage], fontsize=10)
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("ms (median)")
         ax.invert_yaxis()
         ax.set_xlim(0, max(ms) * 1.45 if ms else 1)

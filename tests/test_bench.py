@@ -136,3 +136,27 @@ def test_gpu_suite_dry_run(tmp_path, cache):
     md = (tmp_path / "gpu_suite.md").read_text()
     assert "## sdrt GPU suite (dry run" in md and "### Kernels" in md
     assert (tmp_path / "gpu_suite.png").is_file()
+
+
+def test_rounds_stop_at_the_time_budget(monkeypatch):
+    # A suite killed by its slot's timeout writes nothing; past the deadline it reports the rounds it has instead.
+    from types import SimpleNamespace
+
+    from sdrt import bench_rows
+    from sdrt.bench_report import _runs
+
+    stages = {"text_encoder_ms": 1.0, "unet_step_ms": 2.0, "vae_decode_ms": 3.0}
+    monkeypatch.setattr(bench_rows, "time_stages", lambda *a: stages)
+    calls = []
+
+    def generate(request):
+        calls.append(request)
+        return SimpleNamespace(timings={"total_ms": 10.0, "unet_ms": [2.0]})
+
+    samples = {k: [] for k in (*stages, "e2e_ms", "pipeline_unet_step_ms")}
+    row = SimpleNamespace(backend=None, inputs=None, device=None, generate=generate, spec=SimpleNamespace(name="x"),
+                          result={"backend": "x"}, samples=samples)
+    request = SimpleNamespace(prompts=["a"], batch=1)
+    bench.measure([row], request, runs=3, log=lambda m: None, deadline=0.0)  # already past: one round only
+    assert len(calls) == 1 and row.result["rounds"] == 1 and row.result["e2e_ms"]["p50"] == 10.0
+    assert _runs({"config": {"runs": 3}, "results": [row.result]}) == "1 of 3 (time budget)"  # the table's header
