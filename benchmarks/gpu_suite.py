@@ -38,9 +38,12 @@ def suite_config(dry_run: bool, budget_s: float):
 
 def run_kernel_benchmarks(dry_run: bool) -> list[dict]:
     """Each kernel benchmark file under benchmarks/kernels, imported by path (benchmarks/ is not a package)."""
+    folder = Path(__file__).parent / "kernels"
+    if str(folder) not in sys.path:  # the files import their shared harness.py, as they do when run as scripts
+        sys.path.insert(0, str(folder))
     rows = []
     for name in KERNEL_BENCHMARKS:
-        path = Path(__file__).parent / "kernels" / name
+        path = folder / name
         t = time.perf_counter()
         try:
             spec = importlib.util.spec_from_file_location(f"sdrt_{path.stem}", path)

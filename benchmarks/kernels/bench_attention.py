@@ -16,12 +16,9 @@ included). A dry run on CPU times one call, which only smoke-tests the script.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
-import time
 
+import harness
 import torch
 
 # (name, B, heads, Nq, Nk, d). SD 1.5 at 512px: batch 2 (classifier-free guidance), 8 heads, latents 64^2 .. 8^2,
@@ -46,33 +43,6 @@ DRY_RUN_SHAPES = [
 ]
 
 
-def _import_kernels():
-    """Import sdrt.kernels, under Triton's interpreter when there is no GPU (the env var must precede the import)."""
-    if not torch.cuda.is_available():
-        if "sdrt.kernels" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError("sdrt.kernels was imported without TRITON_INTERPRET=1; a CPU dry run needs it set first")
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    from sdrt.kernels import attention
-
-    return attention
-
-
-def _time_ms(fn, on_cuda: bool) -> tuple[float, float]:
-    """(GPU ms, launched ms). GPU: the median of calls replayed from a CUDA graph, i.e. kernel time alone, which is
-    what sdrt's captured denoising loop pays. Launched: the median of plain calls (do_bench), host launch cost
-    included, which is what an uncaptured caller pays; on a slow host it hides the kernel for small shapes."""
-    if on_cuda:
-        import triton.testing
-
-        graph = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
-        return graph, triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    fn()
-    start = time.perf_counter()
-    fn()
-    ms = (time.perf_counter() - start) * 1e3
-    return ms, ms
-
-
 def _sdpa(on_cuda: bool):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention
@@ -90,7 +60,7 @@ def run(dry_run: bool) -> list[dict]:
     on_cuda = torch.cuda.is_available()
     if not on_cuda and not dry_run:
         raise RuntimeError("bench_attention needs CUDA (use dry_run=True to smoke-test on CPU)")
-    attention = _import_kernels()
+    attention = harness.import_kernels().attention
     sdpa, torch_backend = _sdpa(on_cuda)
     device = "cuda" if on_cuda else "cpu"
     dtype = torch.float16
@@ -100,8 +70,8 @@ def run(dry_run: bool) -> list[dict]:
         k = torch.randn(B, H, n_k, d, device=device, dtype=dtype)
         v = torch.randn(B, H, n_k, d, device=device, dtype=dtype)
         err = (attention(q, k, v).float() - sdpa(q, k, v).float()).abs().max().item()
-        ms, launch_ms = _time_ms(lambda q=q, k=k, v=v: attention(q, k, v), on_cuda)
-        torch_ms, torch_launch_ms = _time_ms(lambda q=q, k=k, v=v: sdpa(q, k, v), on_cuda)
+        ms, launch_ms = harness.time_ms(lambda q=q, k=k, v=v: attention(q, k, v), on_cuda)
+        torch_ms, torch_launch_ms = harness.time_ms(lambda q=q, k=k, v=v: sdpa(q, k, v), on_cuda)
         flops = 4 * B * H * n_q * n_k * d
         rows.append({
             "kernel": "attention", "shape": name, "B": B, "heads": H, "Nq": n_q, "Nk": n_k, "d": d, "dtype": "fp16",
@@ -109,7 +79,7 @@ def run(dry_run: bool) -> list[dict]:
             "speedup": torch_ms / ms,
             "launch_ms": launch_ms, "torch_launch_ms": torch_launch_ms, "max_abs_err": err,
             "torch_backend": torch_backend,
-            "device": torch.cuda.get_device_name() if on_cuda else "cpu (triton interpreter)",
+            "device": harness.device_name(on_cuda),
         })
     return rows
 
@@ -127,21 +97,5 @@ def print_table(rows: list[dict]) -> None:
               f"{r['max_abs_err']:>10.1e}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--json", metavar="PATH", help="also write the rows as a JSON list to PATH")
-    parser.add_argument("--dry-run", action="store_true", help="tiny shapes; runs on CPU through Triton's interpreter")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available() and not args.dry_run:
-        print("bench_attention: CUDA is needed (try --dry-run for a CPU smoke test)")
-        return 2
-    rows = run(dry_run=args.dry_run)
-    print_table(rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.main(__doc__, run, print_table))

@@ -18,12 +18,9 @@ included). A dry run on CPU times one call, which only smoke-tests the script.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
-import time
 
+import harness
 import torch
 import torch.nn.functional as F
 
@@ -51,38 +48,11 @@ FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 GROUPS = 32
 
 
-def _import_kernels():
-    """Import sdrt.kernels, under Triton's interpreter when there is no GPU (the env var must precede the import)."""
-    if not torch.cuda.is_available():
-        if "sdrt.kernels" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError("sdrt.kernels was imported without TRITON_INTERPRET=1; a CPU dry run needs it set first")
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    from sdrt.kernels import group_norm
-
-    return group_norm
-
-
-def _time_ms(fn, on_cuda: bool) -> tuple[float, float]:
-    """(GPU ms, launched ms). GPU: the median of calls replayed from a CUDA graph, i.e. kernel time alone, which is
-    what sdrt's captured denoising loop pays. Launched: the median of plain calls (do_bench), host launch cost
-    included, which is what an uncaptured caller pays; on a slow host it hides the kernel for small shapes."""
-    if on_cuda:
-        import triton.testing
-
-        graph = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
-        return graph, triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    fn()
-    start = time.perf_counter()
-    fn()
-    ms = (time.perf_counter() - start) * 1e3
-    return ms, ms
-
-
 def run(dry_run: bool) -> list[dict]:
     on_cuda = torch.cuda.is_available()
     if not on_cuda and not dry_run:
         raise RuntimeError("bench_group_norm needs CUDA (use dry_run=True to smoke-test on CPU)")
-    group_norm = _import_kernels()
+    group_norm = harness.import_kernels().group_norm
     device = "cuda" if on_cuda else "cpu"
     dtype = torch.float16
 
@@ -97,15 +67,15 @@ def run(dry_run: bool) -> list[dict]:
             b = torch.randn(C, device=device, dtype=dtype)
             ours = group_norm(x, GROUPS, w, b, 1e-5, silu=True)
             err = (ours.float() - torch_gn_silu(x, w, b).float()).abs().max().item()
-            ms, launch_ms = _time_ms(lambda x=x, w=w, b=b: group_norm(x, GROUPS, w, b, 1e-5, silu=True), on_cuda)
-            torch_ms, torch_launch_ms = _time_ms(lambda x=x, w=w, b=b: torch_gn_silu(x, w, b), on_cuda)
+            ms, launch_ms = harness.time_ms(lambda x=x, w=w, b=b: group_norm(x, GROUPS, w, b, 1e-5, silu=True), on_cuda)
+            torch_ms, torch_launch_ms = harness.time_ms(lambda x=x, w=w, b=b: torch_gn_silu(x, w, b), on_cuda)
             nbytes = 2 * x.numel() * x.element_size()
             rows.append({
                 "kernel": "group_norm_silu", "N": N, "C": C, "H": H, "W": W, "groups": GROUPS, "layout": layout,
                 "dtype": "fp16", "ms": ms, "torch_ms": torch_ms, "gbps": nbytes / ms * 1e-6,
                 "torch_gbps": nbytes / torch_ms * 1e-6, "speedup": torch_ms / ms,
             "launch_ms": launch_ms, "torch_launch_ms": torch_launch_ms, "max_abs_err": err,
-                "device": torch.cuda.get_device_name() if on_cuda else "cpu (triton interpreter)",
+                "device": harness.device_name(on_cuda),
             })
     return rows
 
@@ -123,21 +93,5 @@ def print_table(rows: list[dict]) -> None:
               f"{r['max_abs_err']:>10.1e}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--json", metavar="PATH", help="also write the rows as a JSON list to PATH")
-    parser.add_argument("--dry-run", action="store_true", help="tiny shapes; runs on CPU through Triton's interpreter")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available() and not args.dry_run:
-        print("bench_group_norm: CUDA is needed (try --dry-run for a CPU smoke test)")
-        return 2
-    rows = run(dry_run=args.dry_run)
-    print_table(rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.main(__doc__, run, print_table))
