@@ -26,6 +26,9 @@ def add_arguments(p) -> None:
     p.add_argument("--force", action="store_true", help="re-export even when DIR is up to date; int8: also write "
                    "a graph that fails the quality gate")
     p.add_argument("--seed", type=int, default=0, help="weight seed for presets (default 0)")
+    p.add_argument("--arch", metavar="PRESET", help="single-file checkpoints: the preset whose architecture and "
+                   "scheduler the weights follow, where their shapes cannot tell (SD 2.x shapes load as sd21, "
+                   "v-prediction; say sd21-base or sd-turbo for those)")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-component progress on stderr")
 
 
@@ -38,7 +41,11 @@ def run(args) -> int:
         return run_int8(args)
     from sdrt.export.onnx_export import export_model
 
-    m = export_model(args.model, args.output, precision=args.precision, opset=args.opset,
+    from sdrt.models import load_model
+
+    # The graphs do not depend on --arch (only the scheduler does), but the weights are checked against it here.
+    model = args.model if args.arch is None else load_model(args.model, arch=args.arch)
+    m = export_model(model, args.output, precision=args.precision, opset=args.opset,
                      components=args.components, force=args.force, progress=not args.quiet, seed=args.seed)
     worst = max(c["validation"]["max_rel"] for c in m["components"].values())
     print(f"{args.output}: {', '.join(m['components'])} ({m['precision']}, opset {m['opset']}); sizes "
@@ -52,7 +59,7 @@ def run_int8(args) -> int:
 
     from sdrt.models import load_model
 
-    m = export_int8(load_model(args.model, seed=args.seed), None, args.output,
+    m = export_int8(load_model(args.model, seed=args.seed, arch=args.arch), None, args.output,
                     calibration_prompts=args.calibration_prompts, calibration_steps=args.calibration_steps,
                     force=args.force, recipe=args.int8_recipe, size=args.calibration_size, progress=not args.quiet)
     gate = m["int8"]["quality_gate"]

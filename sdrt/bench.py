@@ -46,6 +46,7 @@ class BenchConfig:
     # Wall-clock budget (the GPU suite's slot): rows not started by 75% of it are skipped, and a row's export or
     # engine build runs in a subprocess killed at 90% of it, so the rounds and the report fit in the rest.
     budget_s: float | None = None
+    arch: str | None = None         # single-file checkpoints: the preset their weights follow (sdrt.models.load_model)
 
 
 def add_arguments(p) -> None:
@@ -62,6 +63,8 @@ def add_arguments(p) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed generations per row first (default 1, min 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--arch", metavar="PRESET", help="single-file checkpoints: the preset whose architecture and "
+                   "scheduler the weights follow (sd21-base, sd-turbo: SD 2.x shapes otherwise load as sd21)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     p.add_argument("--sequential", action="store_true", help="run rows one after another, freeing each (less "
                    "memory; ratios then depend on the machine staying equally busy)")
@@ -77,7 +80,8 @@ def config_from_args(args) -> BenchConfig:
     if args.runs < 1 or args.warmup < 1:
         raise SdrtError("--runs and --warmup must be >= 1 (the first warm-up generation gives the drift)")
     return BenchConfig(args.model, backends, args.height, args.width, args.steps, args.batch, args.guidance,
-                       args.runs, args.warmup, args.seed, args.prompt, args.device, args.sequential)
+                       args.runs, args.warmup, args.seed, args.prompt, args.device, args.sequential,
+                       arch=args.arch)
 
 
 def run(args) -> int:
@@ -94,7 +98,7 @@ def run(args) -> int:
 def command_line(cfg: BenchConfig) -> str:
     """The `sdrt bench` command that reproduces this configuration (recorded in the report)."""
     parts = ["sdrt bench", cfg.model, "--backends", ",".join(cfg.backends)]
-    for flag in ("height", "width", "steps", "batch", "guidance", "runs", "warmup", "seed", "device"):
+    for flag in ("height", "width", "steps", "batch", "guidance", "runs", "warmup", "seed", "device", "arch"):
         value = getattr(cfg, flag)
         if value is not None and value != getattr(BenchConfig, flag):
             parts += [f"--{flag}", str(value)]
@@ -132,7 +136,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     log(f"loading {cfg.model} (the eager fp32 reference)")
     t = time.perf_counter()
     with PeakMemory(device) as ref_mem:
-        components = load_model(cfg.model, seed=cfg.seed)
+        components = load_model(cfg.model, seed=cfg.seed, arch=cfg.arch)
     load_s = time.perf_counter() - t
     info = ModelInfo.from_components(components)
     request = Pipeline(info, components.tokenizers, None).resolve(GenerationRequest(
@@ -141,7 +145,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     inputs = stage_inputs(components, request.batch, request.height, request.width, cfg.prompt,
                           cfg=request.guidance > 1.0, seed=cfg.seed)
     deadline = None if cfg.budget_s is None else started + 0.9 * cfg.budget_s
-    ctx = Context(cfg.model, device, info, list(components.tokenizers), request, cfg.seed, deadline)
+    ctx = Context(cfg.model, device, info, list(components.tokenizers), request, cfg.seed, deadline, cfg.arch)
 
     results, live, reference, flops, group = [], [], None, None, 0
     for name in names:

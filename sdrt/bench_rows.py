@@ -212,6 +212,7 @@ class Context:
     request: object             # the resolved GenerationRequest every row runs
     seed: int = 0
     deadline: float | None = None  # time.perf_counter() by which an export or engine build must be done
+    arch: str | None = None        # single-file checkpoints: the preset their weights follow
 
     def time_left(self) -> float | None:
         return None if self.deadline is None else max(1.0, self.deadline - time.perf_counter())
@@ -233,7 +234,7 @@ def setup_row(spec: RowSpec, ctx: Context, components=None) -> LiveRow:
             raise SdrtError(why)
     if spec.kind == "diffusers":
         t = time.perf_counter()
-        components = load_model(ctx.model, seed=ctx.seed)
+        components = load_model(ctx.model, seed=ctx.seed, arch=ctx.arch)
         cold["load"] = time.perf_counter() - t
         t = time.perf_counter()
         peer = DiffusersPeer(components, spec.precision, device)
@@ -250,7 +251,7 @@ def setup_row(spec: RowSpec, ctx: Context, components=None) -> LiveRow:
     else:  # eager, torch, torch.compile: the PyTorch weights
         if components is None:
             t = time.perf_counter()
-            components = load_model(ctx.model, seed=ctx.seed)
+            components = load_model(ctx.model, seed=ctx.seed, arch=ctx.arch)
             cold["load"] = time.perf_counter() - t
         t = time.perf_counter()
         backend = make_backend(f"eager:{spec.precision}" if spec.kind == "torch.compile" else spec.name,
@@ -296,10 +297,11 @@ def export_onnx(ctx: Context, precision: str) -> tuple[Path, float, bool]:
         return out, sum(c.get("export_s") or 0.0 for c in m["components"].values()), True
     t = time.perf_counter()
     if ctx.deadline is None:
-        ensure_onnx(load_model(ctx.model, seed=ctx.seed), Precision(precision), out)
+        ensure_onnx(load_model(ctx.model, seed=ctx.seed, arch=ctx.arch), Precision(precision), out)
         release_memory()
     else:  # a subprocess can be stopped when the budget runs out; an export in this process cannot
-        sdrt_cli(["export", ctx.model, "-o", str(out), "--precision", precision, "--seed", str(ctx.seed), "-q"],
+        arch = ["--arch", ctx.arch] if ctx.arch else []
+        sdrt_cli(["export", ctx.model, "-o", str(out), "--precision", precision, "--seed", str(ctx.seed), "-q", *arch],
                  ctx.time_left())
     return out, time.perf_counter() - t, False
 

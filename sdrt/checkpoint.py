@@ -7,8 +7,8 @@ diffusers' layout by diffusers' own converters (`diffusers.loaders.single_file_u
 never call `from_single_file`, which fetches configs from the hub), then loaded strictly.
 
 What the weights cannot say comes from the preset: the scheduler config and so the prediction type. An SD 2.x
-512-px "base" fine-tune (epsilon) and sd-turbo have sd21's shapes and load as sd21 (v-prediction) unless `arch`
-says otherwise.
+512-px "base" model (epsilon) and sd-turbo have sd21's shapes and load as sd21 (v-prediction) unless `arch`
+(the CLI's --arch: sd21-base, sd-turbo) says otherwise.
 
 Tokenizer: a `tokenizer/` folder (and for SDXL `tokenizer_2/`) in transformers' format next to the file is used
 when present; otherwise sdrt's builtin one, whose ids are not CLIP's: fine for random-weight tests, wrong for a

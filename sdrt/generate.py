@@ -14,6 +14,9 @@ HELP = "generate images from a prompt (txt2img) or from an init image (img2img)"
 def add_arguments(p) -> None:
     p.add_argument("model", metavar="MODEL", help="preset (tiny, sd15, sd21, sdxl, sd-turbo, ...), diffusers folder "
                    "or .safetensors checkpoint")
+    p.add_argument("--arch", metavar="PRESET", help="single-file checkpoints: the preset whose architecture and "
+                   "scheduler the weights follow, where their shapes cannot tell (SD 2.x shapes load as sd21, "
+                   "v-prediction; say sd21-base or sd-turbo for those)")
     p.add_argument("prompt", metavar="PROMPT", help='the prompt ("" for unconditional; over 77 tokens is truncated)')
     p.add_argument("-n", "--negative-prompt", metavar="TEXT", help="what to steer away from (default: none)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
@@ -65,7 +68,7 @@ def run(args) -> int:
 
     from sdrt.models import load_model
 
-    components = load_model(args.model)
+    components = load_model(args.model, arch=args.arch)
     onnx_dir = args.onnx_dir
     if spec.backend in (Backend.ONNXRUNTIME, Backend.OPENVINO):
         from sdrt.backends.onnxruntime import ensure_onnx

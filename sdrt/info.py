@@ -9,6 +9,9 @@ def add_arguments(p) -> None:
     p.add_argument("model", metavar="MODEL", help="preset (tiny, sd15, sd21, sdxl, sd-turbo, ...), diffusers folder "
                    "or .safetensors checkpoint")
     p.add_argument("--seed", type=int, default=0, help="weight seed for presets (default 0)")
+    p.add_argument("--arch", metavar="PRESET", help="single-file checkpoints: the preset whose architecture and "
+                   "scheduler the weights follow, where their shapes cannot tell (SD 2.x shapes load as sd21, "
+                   "v-prediction; say sd21-base or sd-turbo for those)")
 
 
 def describe(c) -> list[str]:
@@ -34,5 +37,5 @@ def describe(c) -> list[str]:
 def run(args) -> int:
     from sdrt.models import load_model
 
-    print("\n".join(describe(load_model(args.model, seed=args.seed))))
+    print("\n".join(describe(load_model(args.model, seed=args.seed, arch=args.arch))))
     return 0

@@ -50,8 +50,11 @@ class Components:
         return {**dict(zip(names, self.text_encoders)), "unet": self.unet, "vae": self.vae}
 
 
-def load_model(model: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> Components:
-    """Resolve MODEL (preset name, diffusers folder or .safetensors file) into eval-mode components."""
+def load_model(model: str, dtype: torch.dtype = torch.float32, seed: int = 0, arch: str | None = None) -> Components:
+    """Resolve MODEL (preset name, diffusers folder or .safetensors file) into eval-mode components. `arch` (a
+    preset name) says what a single-file checkpoint's weights cannot: its architecture and scheduler."""
+    if arch is not None and not str(model).endswith(".safetensors"):
+        raise SdrtError(f"--arch is for single-file .safetensors checkpoints; '{model}' says its own architecture")
     if model in PRESETS:
         c = build_preset(PRESETS[model], seed=seed)
     else:
@@ -63,7 +66,7 @@ def load_model(model: str, dtype: torch.dtype = torch.float32, seed: int = 0) ->
         elif path.suffix == ".safetensors":
             from sdrt.checkpoint import load_single_file
 
-            c = load_single_file(path)
+            c = load_single_file(path, arch)
         else:
             raise SdrtError(f"{path}: expected a diffusers folder (model_index.json) or a .safetensors file")
     for m in c.modules.values():

@@ -115,6 +115,9 @@ PRESETS: dict[str, ModelSpec] = {
     "sd15": ModelSpec("sd15", Family.SD1, UNET_SD15, VAE_SD, (CLIP_L,), PNDM_SD15, default_size=512),
     "sd21": ModelSpec("sd21", Family.SD2, UNET_SD21, VAE_SD, (OPENCLIP_H,), DDIM_SD21, default_size=768,
                       default_scheduler="ddim"),
+    # SD 2.x 512 px "base" models: sd21's weights, epsilon prediction. A single file cannot say which: --arch does.
+    "sd21-base": ModelSpec("sd21-base", Family.SD2, dict(UNET_SD21, sample_size=64), VAE_SD, (OPENCLIP_H,),
+                           dict(DDIM_SD21, prediction_type="epsilon"), default_size=512, default_scheduler="ddim"),
     "sdxl": ModelSpec("sdxl", Family.SDXL, UNET_SDXL, VAE_SDXL, (CLIP_L, OPENCLIP_BIGG), EULER_SDXL,
                       default_size=1024, default_guidance=5.0, default_scheduler="euler"),
     "sd-turbo": ModelSpec("sd-turbo", Family.SD2, dict(UNET_SD21, sample_size=64), VAE_SD, (OPENCLIP_H,),

@@ -107,6 +107,8 @@ def test_command_line_reproduces_the_config():
     argv = bench.command_line(cfg).split()[2:]
     assert argv[:3] == ["sd15", "--backends", "eager,openvino:fp32"]
     assert bench.config_from_args(parse(argv)) == cfg
+    cfg = bench.BenchConfig("base.safetensors", ("eager",), arch="sd21-base")  # a single file and its preset
+    assert bench.config_from_args(parse(bench.command_line(cfg).split()[2:])) == cfg
 
 
 def test_peak_memory_sees_an_allocation():

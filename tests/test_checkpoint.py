@@ -136,3 +136,24 @@ def test_cli_info(files, tmp_path, capsys):
     assert main(["info", str(bad)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a valid safetensors file" in err and "Traceback" not in err
+
+
+def test_cli_arch_picks_what_the_weights_cannot_say(files, capsys):
+    # SD 2.x 512-px base models have sd21's exact shapes but predict epsilon: detection says sd21, --arch corrects it.
+    from sdrt.checkpoint import unet_mismatch
+    from sdrt.cli import main
+
+    with torch.device("meta"):
+        sd = to_ldm_state_dict(build_preset(PRESETS["sd21"]))
+    assert detect_preset("x.safetensors", sd) == "sd21" and unet_mismatch(PRESETS["sd21-base"], sd) is None
+    assert (PRESETS["sd21"].prediction_type, PRESETS["sd21-base"].prediction_type) == ("v_prediction", "epsilon")
+
+    path = str(files["tiny-sd2"][1])
+    assert main(["info", path, "--arch", "tiny-sd2"]) == 0
+    assert "prediction:  v_prediction" in capsys.readouterr().out
+    for argv, match in ((["info", path, "--arch", "tiny"], "does not match preset 'tiny'"),
+                        (["info", "tiny", "--arch", "tiny"], "--arch is for single-file"),
+                        (["generate", "tiny", "x", "--arch", "sd21-base"], "--arch is for single-file")):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and match in err and "Traceback" not in err
