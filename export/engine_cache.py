@@ -16,13 +16,13 @@ and GPU architecture that built it, so those two are also checked before loading
 from __future__ import annotations
 
 import enum
-import fcntl
 import hashlib
 import json
 import os
-import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+
+from sdrt.export.dir_lock import DirLock
 
 from sdrt.errors import SdrtError
 
@@ -218,44 +218,12 @@ def trusted_engine(engine_dir: Path, entry: dict | None) -> bool:
 
 # --- lock --------------------------------------------------------------------------------------------------
 
-class BuildLock:
-    """An exclusive flock on ENGINE_DIR/.build.lock for the whole build: two builders in one directory would
-    overwrite each other's engines and manifest. flock locks an open file description, so it excludes other
-    processes and other opens in this process alike, and the kernel drops it if the holder dies."""
+class BuildLock(DirLock):
+    """The one builder allowed in ENGINE_DIR: two would overwrite each other's engines and manifest."""
 
     def __init__(self, engine_dir: Path, timeout_s: float = 0.0, poll_s: float = 0.1):
-        self.path = Path(engine_dir) / LOCK_FILE
-        self.timeout_s, self.poll_s = timeout_s, poll_s
-        self._f = None
-
-    def __enter__(self) -> BuildLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+")
-        deadline = time.monotonic() + self.timeout_s
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    f.seek(0)
-                    holder = f.read().strip() or "unknown"
-                    f.close()
-                    raise SdrtError(f"another `sdrt build` ({holder}) is writing {self.path.parent}; waited "
-                                    f"{self.timeout_s:g} s (raise --lock-timeout to wait longer)") from None
-                time.sleep(self.poll_s)
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()}")
-        f.flush()
-        self._f = f
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._f is not None:
-            fcntl.flock(self._f, fcntl.LOCK_UN)
-            self._f.close()
-            self._f = None
+        super().__init__(engine_dir, LOCK_FILE, "sdrt build", timeout_s, poll_s,
+                         hint=" (raise --lock-timeout to wait longer)")
 
 
 # --- ONNX hashes -------------------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from sdrt.export.dir_lock import DirLock
+from sdrt.export.onnx_export import LOCK_FILE, LOCK_TIMEOUT_S
 
 from sdrt.errors import SdrtError
 
@@ -64,45 +66,47 @@ def export_int8(model, fp32_onnx_dir, out_dir, calibration_prompts=None, calibra
     settings = {"prompts": prompts, "steps": calibration_steps, "seed": seed, "size": size,
                 "max_samples": max_samples, "fp32_unet_sha256": src["components"]["unet"]["graph_sha256"],
                 "recipe": recipe.summary()}
-    old = read_manifest(out_dir)
-    if not force and old and old.get("precision") == "int8" and old.get("int8", {}).get("settings") == settings:
-        try:
-            load_manifest(out_dir, require=list(src["components"]))
-            say(f"{out_dir}: up to date (same fp32 UNet, prompts and recipe), nothing to do (--force redoes it)")
-            return old
-        except SdrtError:
-            pass
-
-    t0 = time.perf_counter()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SdrtError(f"cannot create {out_dir}: {e.strerror}") from None
-    tmp = out_dir / f"{TMP_PREFIX}{os.getpid()}-int8"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        say(f"int8 ({recipe.name}): recording {len(prompts)} prompts x {calibration_steps} steps at {size}px "
-            f"with the fp32 eager pipeline")
-        report = calibrate_and_quantize(c, fp32_dir / src["components"]["unet"]["file"], tmp / "unet.onnx",
-                                        prompts, calibration_steps, size, seed, recipe, max_samples, say)
-        say(f"  quality gate: {len(gate_seeds)} seeds x {gate_steps or calibration_steps} steps, "
-            f"int8 vs fp32 UNet")
-        gate = quality(c, tmp / "unet.onnx", seeds=gate_seeds, steps=gate_steps or calibration_steps, size=size)
-        gate["min_psnr"] = min_psnr
-        gate["passed"] = bool(gate["psnr_db"] >= min_psnr)
-        say(f"  image PSNR {gate['psnr_db']:.2f} dB (min over seeds {gate['psnr_min_db']:.2f}), latent max_abs "
-            f"{gate['latent_max_abs']:.3g}, rel rms {gate['latent_rel_rms']:.3g}: "
-            f"{'pass' if gate['passed'] else 'FAIL'} (>= {min_psnr} dB)")
-        if not gate["passed"] and not force:
-            raise SdrtError(f"int8 UNet fails the quality gate: image PSNR {gate['psnr_db']:.1f} dB < {min_psnr} dB "
-                            f"vs fp32 after {gate['steps']} steps (--force writes it anyway)")
-        manifest = _write(src, fp32_dir, out_dir, tmp, report, gate, settings, time.perf_counter() - t0)
-    finally:
+    waiting = lambda holder: say(f"{out_dir}: another export ({holder}) is writing here; waiting for it")
+    with DirLock(out_dir, LOCK_FILE, "sdrt export", LOCK_TIMEOUT_S, on_wait=waiting):  # see export_model
+        old = read_manifest(out_dir)
+        if not force and old and old.get("precision") == "int8" and old.get("int8", {}).get("settings") == settings:
+            try:
+                load_manifest(out_dir, require=list(src["components"]))
+                say(f"{out_dir}: up to date (same fp32 UNet, prompts and recipe), nothing to do (--force redoes it)")
+                return old
+            except SdrtError:
+                pass
+
+        t0 = time.perf_counter()
+        tmp = out_dir / f"{TMP_PREFIX}{os.getpid()}-int8"
         shutil.rmtree(tmp, ignore_errors=True)
-    write_manifest(out_dir, manifest)
-    say(f"wrote {out_dir / 'manifest.json'} in {time.perf_counter() - t0:.1f} s")
-    return manifest
+        tmp.mkdir()
+        try:
+            say(f"int8 ({recipe.name}): recording {len(prompts)} prompts x {calibration_steps} steps at {size}px "
+                f"with the fp32 eager pipeline")
+            report = calibrate_and_quantize(c, fp32_dir / src["components"]["unet"]["file"], tmp / "unet.onnx",
+                                            prompts, calibration_steps, size, seed, recipe, max_samples, say)
+            say(f"  quality gate: {len(gate_seeds)} seeds x {gate_steps or calibration_steps} steps, "
+                f"int8 vs fp32 UNet")
+            gate = quality(c, tmp / "unet.onnx", seeds=gate_seeds, steps=gate_steps or calibration_steps, size=size)
+            gate["min_psnr"] = min_psnr
+            gate["passed"] = bool(gate["psnr_db"] >= min_psnr)
+            say(f"  image PSNR {gate['psnr_db']:.2f} dB (min over seeds {gate['psnr_min_db']:.2f}), latent max_abs "
+                f"{gate['latent_max_abs']:.3g}, rel rms {gate['latent_rel_rms']:.3g}: "
+                f"{'pass' if gate['passed'] else 'FAIL'} (>= {min_psnr} dB)")
+            if not gate["passed"] and not force:
+                raise SdrtError(f"int8 UNet fails the quality gate: image PSNR {gate['psnr_db']:.1f} dB < "
+                                f"{min_psnr} dB vs fp32 after {gate['steps']} steps (--force writes it anyway)")
+            manifest = _write(src, fp32_dir, out_dir, tmp, report, gate, settings, time.perf_counter() - t0)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        write_manifest(out_dir, manifest)
+        say(f"wrote {out_dir / 'manifest.json'} in {time.perf_counter() - t0:.1f} s")
+        return manifest
 
 
 def calibrate_and_quantize(c, fp32_unet, out_unet, prompts, steps, size, seed, recipe, max_samples=32,

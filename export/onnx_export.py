@@ -8,8 +8,11 @@ Incremental: a run whose key (format, sdrt version, source hash, precision, opse
 every component whose files still match their recorded sizes and hashes, and exports only the rest; when nothing
 is left it is a no-op and says so. A file without a matching manifest entry is never trusted: an interrupted run
 leaves either the old manifest (whose hashes the new files no longer match) or none. Temp folders left by a killed
-run are deleted at the start of the next one (those of a live pid are left alone; still, run one export per DIR
-at a time: the last manifest written wins).
+run are deleted at the start of the next one (those of a live pid are left alone).
+
+One export per DIR at a time: the writing part holds an flock on DIR/.export.lock (sdrt.export.dir_lock), and a
+second export into DIR waits for it, then finds the first one's graphs up to date. That is two `sdrt generate`
+processes starting together on the shared cache, or an int8 export (the same lock, in its own directory).
 """
 
 from __future__ import annotations
@@ -20,11 +23,15 @@ import sys
 import time
 from pathlib import Path
 
+from sdrt.export.dir_lock import DirLock
+
 from sdrt.errors import SdrtError
 
 PRECISIONS = ("fp32", "fp16")
 OPSETS = (17, 18)
 TMP_PREFIX = ".sdrt-tmp-"
+LOCK_FILE = ".export.lock"
+LOCK_TIMEOUT_S = 3600.0  # an sdxl export takes minutes; a holder that died has already released the lock
 KEY = ("format", "sdrt_version", "precision", "opset")
 
 
@@ -57,41 +64,45 @@ def export_model(model, out_dir, precision: str = "fp32", opset: int = 18, compo
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SdrtError(f"cannot create {out_dir}: {e.strerror}") from None
-    _clean_temp(out_dir)
     threshold = EXTERNAL_DATA_THRESHOLD if external_data_threshold is None else external_data_threshold
     say = (lambda s: print(s, file=sys.stderr, flush=True)) if progress else (lambda s: None)
+    # One export per directory: a second one (another service starting on the same cache) waits, then finds the
+    # first one's graphs up to date below instead of spending the same minutes and gigabytes again.
+    waiting = lambda holder: say(f"{out_dir}: another export ({holder}) is writing here; waiting for it")
+    with DirLock(out_dir, LOCK_FILE, "sdrt export", LOCK_TIMEOUT_S, on_wait=waiting):
+        _clean_temp(out_dir)
 
-    header = _header(c, precision, opset)
-    old = read_manifest(out_dir)
-    same = old is not None and all(old.get(k) == header[k] for k in KEY) and \
-        old.get("model", {}).get("source_hash") == header["model"]["source_hash"]
-    kept = {}
-    if same:
-        for n, entry in old["components"].items():
-            if n in specs and not (force and n in names) and entry_problem(out_dir, entry) is None:
-                kept[n] = entry
-    todo = [n for n in names if n not in kept]
-    if not todo and old is not None and kept == old["components"]:
-        say(f"{out_dir}: up to date ({', '.join(names)}: same weights, precision, opset and sdrt version; "
-            f"files match the manifest), nothing to do (--force re-exports)")
-        return old
+        header = _header(c, precision, opset)
+        old = read_manifest(out_dir)
+        same = old is not None and all(old.get(k) == header[k] for k in KEY) and \
+            old.get("model", {}).get("source_hash") == header["model"]["source_hash"]
+        kept = {}
+        if same:
+            for n, entry in old["components"].items():
+                if n in specs and not (force and n in names) and entry_problem(out_dir, entry) is None:
+                    kept[n] = entry
+        todo = [n for n in names if n not in kept]
+        if not todo and old is not None and kept == old["components"]:
+            say(f"{out_dir}: up to date ({', '.join(names)}: same weights, precision, opset and sdrt version; "
+                f"files match the manifest), nothing to do (--force re-exports)")
+            return old
 
-    t0, peak = time.perf_counter(), _reset_peak_rss()
-    say(f"exporting {c.name} ({precision}, opset {opset}) to {out_dir}: {', '.join(todo)}"
-        + (f" (kept: {', '.join(kept)})" if kept else ""))
-    _save_tokenizers(c, out_dir)
-    for n in todo:
-        kept[n] = export_component(specs[n], out_dir, precision, opset, c, threshold)
-        e, v = kept[n], kept[n]["validation"]
-        peak = max(peak, e["peak_rss_mb"])
-        say(f"  {n:<15} {e['export_s']:6.1f} s  peak RSS {e['peak_rss_mb'] / 1024:5.2f} GiB  "
-            f"{e['bytes'] / 1e6:8.1f} MB  {e['dtype']}  ORT vs torch: max_abs {v['max_abs']:.1e} "
-            f"max_rel {v['max_rel']:.1e} <= {v['tolerance']:.0e} (batch {v['batch']}, {v['height']}x{v['width']})")
-    manifest = {**header, "components": {n: kept[n] for n in specs if n in kept}}
-    write_manifest(out_dir, manifest)
-    say(f"wrote {out_dir / 'manifest.json'} in {time.perf_counter() - t0:.1f} s "
-        f"(peak RSS {max(peak, _peak_rss_mb()) / 1024:.2f} GiB)")
-    return manifest
+        t0, peak = time.perf_counter(), _reset_peak_rss()
+        say(f"exporting {c.name} ({precision}, opset {opset}) to {out_dir}: {', '.join(todo)}"
+            + (f" (kept: {', '.join(kept)})" if kept else ""))
+        _save_tokenizers(c, out_dir)
+        for n in todo:
+            kept[n] = export_component(specs[n], out_dir, precision, opset, c, threshold)
+            e, v = kept[n], kept[n]["validation"]
+            peak = max(peak, e["peak_rss_mb"])
+            say(f"  {n:<15} {e['export_s']:6.1f} s  peak RSS {e['peak_rss_mb'] / 1024:5.2f} GiB  "
+                f"{e['bytes'] / 1e6:8.1f} MB  {e['dtype']}  ORT vs torch: max_abs {v['max_abs']:.1e} "
+                f"max_rel {v['max_rel']:.1e} <= {v['tolerance']:.0e} (batch {v['batch']}, {v['height']}x{v['width']})")
+        manifest = {**header, "components": {n: kept[n] for n in specs if n in kept}}
+        write_manifest(out_dir, manifest)
+        say(f"wrote {out_dir / 'manifest.json'} in {time.perf_counter() - t0:.1f} s "
+            f"(peak RSS {max(peak, _peak_rss_mb()) / 1024:.2f} GiB)")
+        return manifest
 
 
 def export_component(spec, out_dir: Path, precision: str, opset: int, c, threshold: int) -> dict:

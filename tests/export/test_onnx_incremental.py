@@ -7,8 +7,9 @@ import shutil
 import pytest
 import torch
 from sdrt.export import onnx_check
+from sdrt.export.dir_lock import DirLock
 from sdrt.export.onnx_check import compare, run_onnx, session
-from sdrt.export.onnx_export import export_model
+from sdrt.export.onnx_export import LOCK_FILE, export_model
 from sdrt.export.onnx_graph import EXTERNAL_DATA_THRESHOLD
 from sdrt.export.onnx_manifest import load_manifest
 from sdrt.export.onnx_specs import graph_specs
@@ -22,18 +23,21 @@ def export(c, out, **kw):
     return export_model(c, out, components=TWO, **kw)
 
 
-def leftovers(out):
-    return sorted(p.name for p in out.iterdir() if p.name.startswith("."))
+def leftovers(out):  # hidden files other than the lock file, which stays (an flock on it is the lock)
+    return sorted(p.name for p in out.iterdir() if p.name.startswith(".") and p.name != LOCK_FILE)
 
 
 def test_rerun_is_a_noop(tiny, tmp_path, capsys):
     out = tmp_path / "o"
     m = export(tiny, out)
-    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    def stamps():  # the lock file records who holds it: the one file a no-op run writes
+        return {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != LOCK_FILE}
+
+    before = stamps()
     capsys.readouterr()
     assert export(tiny, out) == m
     assert "up to date" in capsys.readouterr().err
-    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps  # nothing rewritten
+    assert stamps() == before  # nothing rewritten
     # --force and another precision are not no-ops
     assert "exporting" in (export(tiny, out, force=True, progress=True), capsys.readouterr().err)[1]
     assert export(tiny, out, precision="fp16")["precision"] == "fp16"
@@ -132,3 +136,23 @@ def test_external_data(tiny, tmp_path):
     # a later export under the threshold drops the stale data file
     export_model(tiny, moved, components=["vae_decoder"], force=True, progress=False)
     assert not os.path.exists(moved / "vae_decoder.onnx.data")
+
+
+def test_a_second_export_into_the_same_directory_waits_then_reuses(tiny, tmp_path, capsys):
+    # Two services starting together on one cache: the second waits for the first's lock, then finds its graphs
+    # up to date instead of exporting them again (minutes and gigabytes on a real model).
+    import threading
+
+    done = export(tiny, tmp_path / "first")
+    capsys.readouterr()
+    out, result = tmp_path / "shared", {}
+    with DirLock(out, LOCK_FILE, "test"):  # the first exporter, mid-write
+        second = threading.Thread(target=lambda: result.update(m=export(tiny, out, progress=True)))
+        second.start()
+        second.join(timeout=1.0)
+        assert second.is_alive()  # waiting on the lock, not exporting beside the holder
+        shutil.copytree(tmp_path / "first", out, dirs_exist_ok=True)  # what the first exporter leaves behind
+    second.join(timeout=60)
+    err = capsys.readouterr().err
+    assert "another export (pid" in err and "up to date" in err and "exporting" not in err
+    assert result["m"] == done
