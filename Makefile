@@ -47,7 +47,7 @@ gpu-install:
 	if [ -d .whl ]; then PIP_BREAK_SYSTEM_PACKAGES=1 $(PYTHON) -m pip install -q --no-deps --no-index .whl/*.whl; fi
 	PIP_BREAK_SYSTEM_PACKAGES=1 $(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
 
-# The tests CI skips: kernels compiled at full SD shapes, bf16, the captured loop. ~2-3 min on an H100 with 8
+# The tests CI skips: kernels compiled at full SD shapes, bf16, the captured loop. 2-4 min on an H100 with 8
 # pytest-xdist workers (Triton compiles dominate); GPU_PYTEST_ARGS= runs them serially.
 GPU_PYTEST_ARGS ?= -n 8
 gpu-test: gpu-install
