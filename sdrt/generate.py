@@ -1,7 +1,8 @@
 """`sdrt generate MODEL PROMPT -o OUT.png`: txt2img, or img2img with --init-image, on any backend.
 
 Several images (--batch N) are written as OUT.png, OUT-1.png, ..., OUT-{N-1}.png. Each PNG carries its generation
-parameters as JSON in a text chunk (key `sdrt`: see sdrt.image), so any image can be made again from itself.
+parameters as JSON in a text chunk (key `sdrt`: see sdrt.image), so any image can be made again from itself:
+`sdrt generate MODEL --params-from OUT.png` (flags given beside it override what the PNG says).
 The onnxruntime backend (the default on CPU) needs ONNX graphs: without --onnx-dir they are exported once into
 ~/.cache/sdrt/onnx/<weights hash>-<precision> and reused while the weights are unchanged.
 """
@@ -17,7 +18,8 @@ def add_arguments(p) -> None:
     p.add_argument("--arch", metavar="PRESET", help="single-file checkpoints: the preset whose architecture and "
                    "scheduler the weights follow, where their shapes cannot tell (SD 2.x shapes load as sd21, "
                    "v-prediction; say sd21-base or sd-turbo for those)")
-    p.add_argument("prompt", metavar="PROMPT", help='the prompt ("" for unconditional; over 77 tokens is truncated)')
+    p.add_argument("prompt", metavar="PROMPT", nargs="?", help='the prompt ("" for unconditional; over 77 tokens '
+                   "is truncated); may be left out with --params-from")
     p.add_argument("-n", "--negative-prompt", metavar="TEXT", help="what to steer away from (default: none)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale; <= 1 turns it off (default: the "
@@ -27,7 +29,7 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, help="noise seed (default: random; printed and stored in the PNG)")
     p.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the init image's, else the model's)")
     p.add_argument("--width", type=int, help="pixels, a multiple of 8")
-    p.add_argument("--batch", type=int, default=1, help="images to generate (default 1)")
+    p.add_argument("--batch", type=int, help="images to generate (default 1)")
     p.add_argument("--init-image", metavar="PATH", help="img2img: start from this image")
     p.add_argument("--strength", type=float, help="img2img: how much of the schedule to run, in (0, 1] (default 0.8)")
     p.add_argument("--backend", default="auto", metavar="NAME[:PRECISION]",
@@ -37,6 +39,9 @@ def add_arguments(p) -> None:
                    "stale; default: a cache under ~/.cache/sdrt/onnx)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     p.add_argument("-o", "--output", default="out.png", metavar="OUT.png", help="output file (default out.png)")
+    p.add_argument("--params-from", metavar="IMAGE.png", help="make an image again: take the prompt, seed, steps, "
+                   "scheduler, guidance, size, batch and init image stored in a PNG that sdrt wrote; flags given "
+                   "here override them (an image from a batch comes back with its whole batch)")
 
 
 def run(args) -> int:
@@ -54,16 +59,22 @@ def run(args) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
+    source = None
+    if args.params_from is not None:
+        source = take_params(args, args.params_from)
+    if args.prompt is None:
+        raise SdrtError("PROMPT is missing (give one, or --params-from IMAGE.png)")
+    batch = 1 if args.batch is None else args.batch
     if args.strength is not None and args.init_image is None:
         raise SdrtError("--strength needs --init-image (it is the img2img denoising strength)")
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
     request = GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
-        scheduler=args.scheduler, seed=seed, height=args.height, width=args.width, batch=args.batch,
+        scheduler=args.scheduler, seed=seed, height=args.height, width=args.width, batch=batch,
         init_image=load_image(args.init_image) if args.init_image else None,
         strength=0.8 if args.strength is None else args.strength)
     check_request(request)  # bad input fails here, before a model is loaded or exported
-    paths = output_paths(args.output, args.batch)
+    paths = output_paths(args.output, batch)
     spec = parse_spec(args.backend, args.device)
 
     from sdrt.models import load_model
@@ -78,6 +89,9 @@ def run(args) -> int:
         onnx_dir = ensure_onnx(components, export or Precision.FP32, onnx_dir, log=say)
     backend = make_backend(spec, components=components, onnx_dir=onnx_dir, device=args.device)
     pipe = Pipeline.from_components(components, backend)
+    if source is not None and source.get("model_hash") not in (None, pipe.info.source_hash):
+        say(f"warning: {args.params_from} was made with other weights ({source.get('model')}, sha256 "
+            f"{str(source['model_hash'])[:16]}): expect another image")
     del components  # the backend holds what it needs; an ONNX backend frees the PyTorch weights here
     precision = getattr(backend, "precision", None)
     # what auto resolved to; Precision is a str enum and OpenVINO reports its resolved hint as a plain str
@@ -120,3 +134,19 @@ def run(args) -> int:
         f"(text {t['text_encoder_ms']:.0f} ms, unet {sum(unet) / max(len(unet), 1):.1f} ms/step x {len(unet)}, "
         f"vae {t['vae_decode_ms']:.0f} ms)")
     return 0
+
+
+# What --params-from restores: the request's parameters as `sdrt generate` stores them in the PNG (see run).
+RESTORED = ("prompt", "negative_prompt", "seed", "steps", "scheduler", "guidance", "height", "width", "batch",
+            "init_image", "strength")
+
+
+def take_params(args, path) -> dict:
+    """Fill every option of RESTORED the command line left unset from the PNG at `path`; returns its parameters."""
+    from sdrt.image import params_from
+
+    params = params_from(path)
+    for key in RESTORED:
+        if getattr(args, key) is None and params.get(key) is not None:
+            setattr(args, key, params[key])
+    return params

@@ -59,6 +59,22 @@ def read_params(path) -> dict | None:
     return json.loads(text) if text else None
 
 
+def params_from(path) -> dict:
+    """read_params for the CLI: a missing file, a file that is not a PNG, or a PNG without sdrt's chunk is a
+    one-line SdrtError."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        params = read_params(Path(path).expanduser())
+    except FileNotFoundError:
+        raise SdrtError(f"{path}: no such file") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise SdrtError(f"{path}: cannot read generation parameters ({type(e).__name__})") from None
+    if not isinstance(params, dict):
+        raise SdrtError(f"{path}: holds no sdrt generation parameters (only PNGs written by `sdrt generate` do)")
+    return params
+
+
 def load_image(path):
     """An init image as an RGB PIL image; a file that is missing or not an image is a one-line SdrtError."""
     from PIL import Image, UnidentifiedImageError

@@ -45,6 +45,34 @@ def test_eager_writes_pngs_that_reproduce_themselves(tmp_path, capsys):
     assert all(np.array_equal(a, b) for a, b in zip(again.images, images))
 
 
+def test_params_from_a_png_makes_it_again(tmp_path, capsys):
+    first = tmp_path / "first.png"
+    rc, err = run_cli(capsys, "tiny", "a red barn", "--backend", "eager", "--batch", "2", "--seed", "11",
+                      "--height", "64", "--width", "80", "-n", "fog", *FAST, "-o", str(first))
+    assert rc == 0, err
+    # from the second image of the batch: the whole batch comes back, pixel for pixel
+    rc, err = run_cli(capsys, "tiny", "--params-from", str(tmp_path / "first-1.png"), "--backend", "eager",
+                      "-o", str(tmp_path / "again.png"))
+    assert rc == 0, err
+    def pixels(name):
+        return np.asarray(Image.open(tmp_path / f"{name}.png"))
+
+    assert np.array_equal(pixels("first"), pixels("again")) and np.array_equal(pixels("first-1"), pixels("again-1"))
+    assert read_params(tmp_path / "again-1.png") == read_params(tmp_path / "first-1.png")
+    # a flag given beside it wins over the PNG
+    rc, err = run_cli(capsys, "tiny", "--params-from", str(first), "--backend", "eager", "--seed", "12",
+                      "-o", str(tmp_path / "other.png"))
+    assert rc == 0 and read_params(tmp_path / "other.png")["seed"] == 12
+    assert not np.array_equal(pixels("first"), pixels("other"))
+    # what cannot be used is one line, exit 1
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    for argv, match in (([], "PROMPT is missing"), (["--params-from", str(plain)], "holds no sdrt generation"),
+                        (["--params-from", str(tmp_path / "absent.png")], "no such file")):
+        rc, err = run_cli(capsys, "tiny", *argv, "-o", str(tmp_path / "x.png"))
+        assert rc == 1 and err.count("\n") == 1 and match in err, err
+
+
 def test_onnxruntime_exports_once_then_reuses_and_matches_eager(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("SDRT_CACHE", str(tmp_path / "cache"))
     args = ["tiny", "a photo", "--seed", "3", *FAST]
