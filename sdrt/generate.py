@@ -15,9 +15,6 @@ HELP = "generate images from a prompt (txt2img) or from an init image (img2img)"
 def add_arguments(p) -> None:
     p.add_argument("model", metavar="MODEL", help="preset (tiny, sd15, sd21, sdxl, sd-turbo, ...), diffusers folder "
                    "or .safetensors checkpoint")
-    p.add_argument("--arch", metavar="PRESET", help="single-file checkpoints: the preset whose architecture and "
-                   "scheduler the weights follow, where their shapes cannot tell (SD 2.x shapes load as sd21, "
-                   "v-prediction; say sd21-base or sd-turbo for those)")
     p.add_argument("prompt", metavar="PROMPT", nargs="?", help='the prompt ("" for unconditional; over 77 tokens '
                    "is truncated); may be left out with --params-from")
     p.add_argument("-n", "--negative-prompt", metavar="TEXT", help="what to steer away from (default: none)")
@@ -38,6 +35,9 @@ def add_arguments(p) -> None:
     p.add_argument("--onnx-dir", metavar="DIR", help="ONNX graphs for onnxruntime (exported there if missing or "
                    "stale; default: a cache under ~/.cache/sdrt/onnx)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    p.add_argument("--arch", metavar="PRESET", help="single-file checkpoints: the preset whose architecture and "
+                   "scheduler the weights follow, where their shapes cannot tell (SD 2.x shapes load as sd21, "
+                   "v-prediction; say sd21-base or sd-turbo for those)")
     p.add_argument("-o", "--output", default="out.png", metavar="OUT.png", help="output file (default out.png)")
     p.add_argument("--params-from", metavar="IMAGE.png", help="make an image again: take the prompt, seed, steps, "
                    "scheduler, guidance, size, batch and init image stored in a PNG that sdrt wrote; flags given "
