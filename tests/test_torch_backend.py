@@ -185,3 +185,37 @@ def test_one_graph_per_bucket(tiny, eager):
         backend.denoise(**_loop_inputs(eager, GenerationRequest("x", steps=4, scheduler=scheduler, height=size,
                                                                    width=size), "cuda"))
     assert len(backend.graphs) == 3
+
+
+def test_captured_loops_are_capped_least_recent_first(tiny, eager, monkeypatch):
+    # A service that sees many sizes must not keep a graph (and its memory pool) per bucket forever. The capture is
+    # CUDA-only; the bookkeeping around it is tested here with a stand-in that runs the loop uncaptured.
+    from dataclasses import replace
+
+    from sdrt.backends import torch_opt
+
+    captured = []
+
+    class Loop:
+        def __init__(self, unet, **kw):
+            captured.append(kw["latents"].shape[-1])
+            self.unet = unet
+
+        def __call__(self, **kw):
+            return denoise_loop(self.unet, **kw)
+
+    monkeypatch.setattr(torch_opt, "CapturedLoop", Loop)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: type("S", (), {"synchronize": lambda self: None})())
+    backend = TorchBackend(copy.deepcopy(tiny), device="cpu")
+    backend.options = replace(backend.options, cuda_graph=True, max_graphs=2)
+
+    def run(size):
+        inputs = _loop_inputs(eager, GenerationRequest("x", steps=1, scheduler="ddim", height=size, width=size))
+        inputs["embeds"] = inputs.pop("encoder_hidden_states")
+        backend.denoise(inputs.pop("latents"), inputs.pop("embeds"), **inputs)
+
+    for size in (64, 72, 64, 80, 72):  # 64 is used again before 80 arrives, so 72 is the one dropped
+        run(size)
+    assert captured == [8, 9, 10, 9] and [k[4][0][-1] for k in backend.graphs] == [10, 9]
+    with pytest.raises(SdrtError, match="max_graphs"):
+        TorchOptions(max_graphs=0).resolve(torch.device("cpu"))

@@ -4,7 +4,8 @@
                 GroupNorm, SiLU fused) -> to_channels_last; inputs are made channels-last at each verb.
     denoise     an extra verb: the pipeline hands it the whole loop (UNet, guidance, scheduler step, every step). On
                 CUDA it is captured once per bucket (batch, resolution, steps, scheduler) and replayed
-                (sdrt.loop.CapturedLoop); on CPU the same code runs uncaptured.
+                (sdrt.loop.CapturedLoop), keeping the TorchOptions.max_graphs most recently used buckets; on CPU
+                the same code runs uncaptured.
     text encoders run as in the eager backend (once per image; not worth a pass).
 
 The passes edit the given components' modules in place (as the eager backend's .to() moves them in place): build
@@ -16,6 +17,7 @@ slower) and graphs are off, and the same module structure computes with SDPA and
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
@@ -34,6 +36,9 @@ class TorchOptions:
     fuse_qkv: bool = True           # one projection GEMM for q/k/v (self) and k/v (cross)
     channels_last: bool = True
     cuda_graph: bool | None = None  # capture the whole denoising loop per bucket; None: on CUDA only
+    # Captured loops kept, least recently used dropped first: each holds a private memory pool of about one step's
+    # activations plus its output, so a service that sees many sizes or step counts must not keep one per bucket.
+    max_graphs: int = 4
     # cuDNN timing its conv algorithms per shape (scoped to our calls). Off: on sd15 512^2 (H100) it gained 1% end to
     # end (458 vs 463 ms) but its trial workspaces took the CUDA peak from 11 GB to 77 GB.
     cudnn_benchmark: bool = False
@@ -51,6 +56,8 @@ class TorchOptions:
         if opts.kernels and cuda and interpreted:  # Python-speed kernels, host copies: not capturable either
             raise SdrtError("TRITON_INTERPRET=1 would run sdrt's kernels in Triton's interpreter on the GPU: "
                             "unset it (or set 0) before starting")
+        if opts.max_graphs < 1:
+            raise SdrtError(f"max_graphs must be >= 1, got {opts.max_graphs}")
         return opts
 
 
@@ -80,7 +87,7 @@ class TorchBackend(EagerBackend):
             passes.use_sdrt_group_norm(m, kernel=o.kernels)
             if o.channels_last:
                 passes.to_channels_last(m)
-        self.graphs: dict[tuple, CapturedLoop] = {}  # bucket_key -> captured loop
+        self.graphs: OrderedDict[tuple, CapturedLoop] = OrderedDict()  # bucket_key -> loop, least recent first
 
     def _cudnn(self):
         """cuDNN autotuning for our calls only (a scoped flag, not the process-wide torch.backends setting): its
@@ -129,6 +136,12 @@ class TorchBackend(EagerBackend):
         if not self.options.cuda_graph:
             return denoise_loop(unet, **args)
         key = bucket_key(**{k: v for k, v in args.items() if k != "guidance"})
-        if key not in self.graphs:
+        if key in self.graphs:
+            self.graphs.move_to_end(key)
+        else:
+            if len(self.graphs) >= self.options.max_graphs:  # a capture costs seconds anyway: no replay in flight
+                torch.cuda.current_stream(dev).synchronize()
+            while len(self.graphs) >= self.options.max_graphs:  # its pool goes back to torch's caching allocator
+                self.graphs.popitem(last=False)
             self.graphs[key] = CapturedLoop(unet, **args)
         return self.graphs[key](**args)
