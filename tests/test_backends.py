@@ -33,6 +33,23 @@ def test_parse_spec(text, backend, precision):
     assert parse_spec(text, device="cpu") == BackendSpec(backend, precision)
 
 
+def test_auto_on_a_gpu_is_the_torch_backend(monkeypatch):
+    # What the GPU suite measured fastest (4.4x diffusers fp16 on an H100), when Triton is there for its kernels;
+    # without Triton, ONNX Runtime only with its CUDA provider, else eager.
+    import importlib.util
+
+    import onnxruntime
+
+    monkeypatch.setattr(backends, "default_device", lambda device=None: torch.device("cuda"))
+    assert parse_spec("auto") == BackendSpec(Backend.TORCH)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "triton" else real_find_spec(n, *a))
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert parse_spec("auto") == BackendSpec(Backend.EAGER)
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider"])
+    assert parse_spec("auto") == BackendSpec(Backend.ONNXRUNTIME)
+
+
 @pytest.mark.parametrize("text,match", [("tensorflow", "unknown backend"), ("eager:fp8", "unknown precision"),
                                         ("", "unknown backend")])
 def test_bad_specs_are_one_line_errors(text, match):

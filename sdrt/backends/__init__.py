@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import importlib
+import importlib.util
 from dataclasses import dataclass
 
 from sdrt.errors import SdrtError
@@ -25,7 +26,7 @@ from sdrt.errors import SdrtError
 class Backend(str, enum.Enum):
     EAGER = "eager"              # the PyTorch modules as loaded: the baseline every other backend is compared to
     ONNXRUNTIME = "onnxruntime"  # the exporter's ONNX graphs in ONNX Runtime (CPU, or CUDA with IO binding)
-    TORCH = "torch"              # torch.compile and sdrt's kernels
+    TORCH = "torch"              # optimized PyTorch: sdrt's kernels and passes, the loop as one CUDA graph
     TENSORRT = "tensorrt"        # TensorRT engines built from the ONNX graphs
     OPENVINO = "openvino"
 
@@ -84,13 +85,19 @@ def parse_spec(spec: str, device=None) -> BackendSpec:
 
 
 def auto_backend(device=None) -> Backend:
-    """The fastest backend available here. On CPU that is ONNX Runtime (its fused CPU kernels beat eager PyTorch);
-    on a GPU too, until the torch/TensorRT backends exist, provided onnxruntime-gpu is installed."""
+    """The fastest backend available here, measured (benchmarks/results/):
+    - on a CUDA GPU, `torch`: fp16, sdrt's Triton kernels, the whole loop as one CUDA graph (sd15 512^2 at 50 steps
+      on an H100: 4.4x diffusers' fp16 pipeline, 3.6x eager fp16). It needs Triton; without it, ONNX Runtime's CUDA
+      provider if installed, else eager. TensorRT needs engines built first (`sdrt build`), so it is asked for by name.
+    - on CPU, ONNX Runtime: its fused CPU kernels beat eager PyTorch, with fp32's accuracy (OpenVINO's bf16 default
+      is faster still on CPUs with bf16 units, at 48 dB from fp32: asked for by name)."""
+    on_gpu = default_device(device).type == "cuda"
+    if on_gpu and importlib.util.find_spec("triton") is not None:
+        return Backend.TORCH
     try:
         import onnxruntime
     except ImportError:
         return Backend.EAGER
-    on_gpu = default_device(device).type == "cuda"
     if on_gpu and "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         return Backend.EAGER
     return Backend.ONNXRUNTIME
