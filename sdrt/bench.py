@@ -118,12 +118,13 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         PeakMemory,
         is_reference,
         parse_row,
+        prepare_exports,
         setup_row,
         stage_inputs,
         time_stages,
         unet_flops,
     )
-    from sdrt.models import load_model
+    from sdrt.models import load_model, source_hash
     from sdrt.pipeline import GenerationRequest, ModelInfo, Pipeline
 
     started, load_start = time.perf_counter(), [round(x, 2) for x in os.getloadavg()]
@@ -132,6 +133,11 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     if not any(n.strip().lower() in ("eager", "eager:fp32") for n in names):
         names.insert(0, "eager")
     names.sort(key=lambda n: n.strip().lower() not in ("eager", "eager:fp32"))  # the reference first
+
+    deadline = None if cfg.budget_s is None else started + 0.9 * cfg.budget_s
+    ctx = Context(cfg.model, device, seed=cfg.seed, deadline=deadline, arch=cfg.arch,
+                  source_hash=source_hash(cfg.model, cfg.seed))
+    prepare_exports(ctx, names, log)  # before anything is loaded: see its docstring
 
     log(f"loading {cfg.model} (the eager fp32 reference)")
     t = time.perf_counter()
@@ -144,8 +150,9 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         width=cfg.width, batch=cfg.batch))
     inputs = stage_inputs(components, request.batch, request.height, request.width, cfg.prompt,
                           cfg=request.guidance > 1.0, seed=cfg.seed)
-    deadline = None if cfg.budget_s is None else started + 0.9 * cfg.budget_s
-    ctx = Context(cfg.model, device, info, list(components.tokenizers), request, cfg.seed, deadline, cfg.arch)
+    if components.source_hash != ctx.source_hash:  # a diffusers folder whose weights changed while we exported
+        raise SdrtError(f"{cfg.model}: its weights changed during the benchmark's setup")
+    ctx.info, ctx.tokenizers, ctx.request = info, list(components.tokenizers), request
 
     results, live, reference, flops, group = [], [], None, None, 0
     for name in names:

@@ -207,12 +207,14 @@ class PeakMemory:
 class Context:
     model: str
     device: torch.device
-    info: object                # sdrt.pipeline.ModelInfo of the model
-    tokenizers: list
-    request: object             # the resolved GenerationRequest every row runs
+    info: object = None         # sdrt.pipeline.ModelInfo of the model    } set once the reference is loaded
+    tokenizers: list = None     #                                         } (the exports come before it)
+    request: object = None      # the resolved GenerationRequest every row runs
     seed: int = 0
     deadline: float | None = None  # time.perf_counter() by which an export or engine build must be done
     arch: str | None = None        # single-file checkpoints: the preset their weights follow
+    source_hash: str = ""          # the weights' identity, the export cache's key ("": info's)
+    exports: dict = field(default_factory=dict)  # precision -> export_onnx's result, or the SdrtError it raised
 
     def time_left(self) -> float | None:
         return None if self.deadline is None else max(1.0, self.deadline - time.perf_counter())
@@ -285,25 +287,52 @@ def build_engines(onnx_dir: Path, precision: str, ctx: Context) -> None:
 def export_onnx(ctx: Context, precision: str) -> tuple[Path, float, bool]:
     """(dir, export seconds, cached?) in the onnxruntime backend's export cache ($SDRT_CACHE or ~/.cache/sdrt), so
     every ONNX row and `sdrt generate` share one export. A cached export's recorded time is reported, so a second
-    benchmark run neither pays nor hides it; the weights are loaded only when there is something to export."""
-    from sdrt.backends import Precision
-    from sdrt.backends.onnxruntime import cache_root, ensure_onnx
+    benchmark run neither pays nor hides it. The export runs in a child process: the time budget can stop it, and
+    its memory (an int8 calibration holds a second fp32 model) is gone when it ends. run_bench exports before it
+    loads anything (prepare_exports); a row then finds its result in ctx.exports."""
+    from sdrt.backends.onnxruntime import cache_root
     from sdrt.export.onnx_manifest import read_manifest
-    from sdrt.models import load_model
 
-    out = cache_root() / "onnx" / f"{ctx.info.source_hash[:16]}-{precision}"  # ORT's cache_dir(), from the hash
+    done = ctx.exports.get(precision)
+    if isinstance(done, Exception):
+        raise done
+    if done is not None:
+        return done
+    key = ctx.source_hash or ctx.info.source_hash
+    out = cache_root() / "onnx" / f"{key[:16]}-{precision}"  # ORT's cache_dir(), from the hash
     m = read_manifest(out)
-    if m and m.get("precision") == precision and m.get("model", {}).get("source_hash") == ctx.info.source_hash:
+    if m and m.get("precision") == precision and m.get("model", {}).get("source_hash") == key:
         return out, sum(c.get("export_s") or 0.0 for c in m["components"].values()), True
     t = time.perf_counter()
-    if ctx.deadline is None:
-        ensure_onnx(load_model(ctx.model, seed=ctx.seed, arch=ctx.arch), Precision(precision), out)
-        release_memory()
-    else:  # a subprocess can be stopped when the budget runs out; an export in this process cannot
-        arch = ["--arch", ctx.arch] if ctx.arch else []
-        sdrt_cli(["export", ctx.model, "-o", str(out), "--precision", precision, "--seed", str(ctx.seed), "-q", *arch],
-                 ctx.time_left())
+    arch = ["--arch", ctx.arch] if ctx.arch else []
+    sdrt_cli(["export", ctx.model, "-o", str(out), "--precision", precision, "--seed", str(ctx.seed), "-q", *arch],
+             ctx.time_left())
     return out, time.perf_counter() - t, False
+
+
+def prepare_exports(ctx: Context, names: list[str], log) -> None:
+    """Every ONNX export the rows will read, before any row (or the eager reference) is in memory: next to live
+    rows an sd15 int8 calibration does not fit in 24 GB. Results (or the error) go to ctx.exports for setup_row."""
+    for name in names:
+        try:
+            spec = parse_row(name)
+        except SdrtError:
+            continue  # setup_row reports it
+        if spec.kind not in ONNX_BACKENDS:
+            continue
+        if spec.kind == "tensorrt":
+            from sdrt.backends.tensorrt import tensorrt_available
+
+            if not tensorrt_available()[0]:
+                continue  # setup_row says why, without an export nobody would use
+        precision = onnx_precision(spec)
+        if precision in ctx.exports:
+            continue
+        try:
+            ctx.exports[precision] = got = export_onnx(ctx, precision)
+            log(f"ONNX {precision}: {'cached' if got[2] else f'exported in {got[1]:.0f} s'} ({got[0]})")
+        except SdrtError as e:
+            ctx.exports[precision] = e
 
 
 def sdrt_cli(argv: list[str], timeout: float | None) -> None:

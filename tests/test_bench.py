@@ -162,3 +162,26 @@ def test_rounds_stop_at_the_time_budget(monkeypatch):
     bench.measure([row], request, runs=3, log=lambda m: None, deadline=0.0)  # already past: one round only
     assert len(calls) == 1 and row.result["rounds"] == 1 and row.result["e2e_ms"]["p50"] == 10.0
     assert _runs({"config": {"runs": 3}, "results": [row.result]}) == "1 of 3 (time budget)"  # the table's header
+
+
+def test_exports_come_before_any_model_is_loaded(tmp_path, monkeypatch):
+    # An sd15 int8 calibration next to live rows does not fit in 24 GB: every export runs (in a child process)
+    # before the reference loads. A failed export is that row's reason, and the others still run.
+    import sdrt.models
+    from sdrt import bench_rows
+
+    monkeypatch.setenv("SDRT_CACHE", str(tmp_path))  # nothing cached
+    events, real_load = [], sdrt.models.load_model
+
+    def fake_cli(argv, timeout):
+        events.append(("export", argv[argv.index("--precision") + 1]))
+        raise SdrtError("`sdrt export` failed: out of memory")
+
+    monkeypatch.setattr(bench_rows, "sdrt_cli", fake_cli)
+    monkeypatch.setattr(sdrt.models, "load_model", lambda *a, **kw: events.append(("load",)) or real_load(*a, **kw))
+    report = bench.run_bench(bench.BenchConfig("tiny", ("onnxruntime", "onnxruntime:fp16"), steps=1, runs=1),
+                             log=lambda m: None)
+    assert events[:3] == [("export", "fp32"), ("export", "fp16"), ("load",)]
+    rows = {r["backend"]: r for r in report["results"]}
+    assert "out of memory" in rows["onnxruntime"]["skipped"] and "out of memory" in rows["onnxruntime:fp16"]["skipped"]
+    check_row(rows["eager"], runs=1)
