@@ -1,9 +1,11 @@
 """`sdrt bench MODEL --backends eager,onnxruntime,openvino,...`: every backend side by side, in one process.
 
 Protocol (why it is shaped this way: a shared, noisy machine must still give honest ratios):
+  0. Every ONNX export the rows need (cached across runs) runs first, each in a child process, before anything is
+     loaded: an int8 calibration beside live rows would not fit in memory.
   1. The reference row `eager` (fp32) is always run, first (added when not asked for): speedups and drift are
      against it, and its weights give every row the same tokenized prompt and stage inputs.
-  2. Each row is set up alone: load weights, export ONNX (cached across runs), build the runtime, then `--warmup`
+  2. Each row is set up alone: load weights or the export, build the runtime, then `--warmup`
      generations and one untimed call of each stage (compilers specialise on shapes and strides). Its peak
      memory is measured over exactly that: peak RSS above the RSS before it (CPU), or the CUDA peak allocation
      (GPU). The first generation's image and latents give the drift against the reference.
