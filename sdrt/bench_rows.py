@@ -284,7 +284,7 @@ def build_engines(onnx_dir: Path, precision: str, ctx: Context) -> None:
               "--components", ",".join(names)] + ([] if r.guidance > 1.0 else ["--no-cfg"]), ctx.time_left())
 
 
-def export_onnx(ctx: Context, precision: str) -> tuple[Path, float, bool]:
+def export_onnx(ctx: Context, precision: str, log=None) -> tuple[Path, float, bool]:
     """(dir, export seconds, cached?) in the onnxruntime backend's export cache ($SDRT_CACHE or ~/.cache/sdrt), so
     every ONNX row and `sdrt generate` share one export. A cached export's recorded time is reported, so a second
     benchmark run neither pays nor hides it. The export runs in a child process: the time budget can stop it, and
@@ -303,6 +303,8 @@ def export_onnx(ctx: Context, precision: str) -> tuple[Path, float, bool]:
     m = read_manifest(out)
     if m and m.get("precision") == precision and m.get("model", {}).get("source_hash") == key:
         return out, sum(c.get("export_s") or 0.0 for c in m["components"].values()), True
+    if log is not None:
+        log(f"ONNX {precision}: exporting into {out} (a child process; minutes for a full-size model)")
     t = time.perf_counter()
     arch = ["--arch", ctx.arch] if ctx.arch else []
     sdrt_cli(["export", ctx.model, "-o", str(out), "--precision", precision, "--seed", str(ctx.seed), "-q", *arch],
@@ -329,7 +331,7 @@ def prepare_exports(ctx: Context, names: list[str], log) -> None:
         if precision in ctx.exports:
             continue
         try:
-            ctx.exports[precision] = got = export_onnx(ctx, precision)
+            ctx.exports[precision] = got = export_onnx(ctx, precision, log)
             log(f"ONNX {precision}: {'cached' if got[2] else f'exported in {got[1]:.0f} s'} ({got[0]})")
         except SdrtError as e:
             ctx.exports[precision] = e
