@@ -27,8 +27,11 @@ class DirLock:
         self._f = None
 
     def __enter__(self) -> DirLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(self.path, "a+")
+        except OSError as e:  # a read-only or foreign directory: say so in one line
+            raise SdrtError(f"cannot write {self.path}: {e.strerror or e}") from None
         deadline, waited = time.monotonic() + self.timeout_s, False
         while True:
             try:

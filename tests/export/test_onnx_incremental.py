@@ -156,3 +156,12 @@ def test_a_second_export_into_the_same_directory_waits_then_reuses(tiny, tmp_pat
     err = capsys.readouterr().err
     assert "another export (pid" in err and "up to date" in err and "exporting" not in err
     assert result["m"] == done
+
+
+def test_an_unwritable_directory_is_a_one_line_error(tmp_path):
+    out = tmp_path / "ro"
+    out.mkdir()
+    (out / LOCK_FILE).mkdir()  # where the lock file must go: unopenable as a file, for root too
+    with pytest.raises(SdrtError, match="cannot write .*export.lock"):
+        with DirLock(out, LOCK_FILE, "test"):
+            pass
