@@ -23,8 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from sdrt.export.dir_lock import DirLock
-from sdrt.export.onnx_export import LOCK_FILE, LOCK_TIMEOUT_S
+from sdrt.export.onnx_export import export_lock
 
 from sdrt.errors import SdrtError
 
@@ -70,8 +69,7 @@ def export_int8(model, fp32_onnx_dir, out_dir, calibration_prompts=None, calibra
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SdrtError(f"cannot create {out_dir}: {e.strerror}") from None
-    waiting = lambda holder: say(f"{out_dir}: another export ({holder}) is writing here; waiting for it")
-    with DirLock(out_dir, LOCK_FILE, "sdrt export", LOCK_TIMEOUT_S, on_wait=waiting):  # see export_model
+    with export_lock(out_dir, say):
         old = read_manifest(out_dir)
         if not force and old and old.get("precision") == "int8" and old.get("int8", {}).get("settings") == settings:
             try:
@@ -284,12 +282,13 @@ def _link(a: Path, b: Path) -> None:
     """A graph file is hard-linked (same file system: no copy of a 500 MB text encoder); a weights file (`.data`)
     is copied, since onnx.load refuses external data with several hard links."""
     b.unlink(missing_ok=True)
-    try:
-        if a.suffix == ".data":
-            raise OSError
-        os.link(a, b)
-    except OSError:
-        shutil.copyfile(a, b)
+    if a.suffix != ".data":
+        try:
+            os.link(a, b)
+            return
+        except OSError:  # another file system
+            pass
+    shutil.copyfile(a, b)
 
 
 def _name_nodes(graph) -> None:

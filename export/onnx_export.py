@@ -66,10 +66,7 @@ def export_model(model, out_dir, precision: str = "fp32", opset: int = 18, compo
         raise SdrtError(f"cannot create {out_dir}: {e.strerror}") from None
     threshold = EXTERNAL_DATA_THRESHOLD if external_data_threshold is None else external_data_threshold
     say = (lambda s: print(s, file=sys.stderr, flush=True)) if progress else (lambda s: None)
-    # One export per directory: a second one (another service starting on the same cache) waits, then finds the
-    # first one's graphs up to date below instead of spending the same minutes and gigabytes again.
-    waiting = lambda holder: say(f"{out_dir}: another export ({holder}) is writing here; waiting for it")
-    with DirLock(out_dir, LOCK_FILE, "sdrt export", LOCK_TIMEOUT_S, on_wait=waiting):
+    with export_lock(out_dir, say):
         _clean_temp(out_dir)
 
         header = _header(c, precision, opset)
@@ -83,8 +80,7 @@ def export_model(model, out_dir, precision: str = "fp32", opset: int = 18, compo
                     kept[n] = entry
         todo = [n for n in names if n not in kept]
         if not todo and old is not None and kept == old["components"]:
-            say(f"{out_dir}: up to date ({', '.join(names)}: same weights, precision, opset and sdrt version; "
-                f"files match the manifest), nothing to do (--force re-exports)")
+            say(_up_to_date_line(out_dir, names))
             return old
 
         t0, peak = time.perf_counter(), _reset_peak_rss()
@@ -193,9 +189,21 @@ def _up_to_date(model: str, seed: int, out_dir: Path, precision: str, opset: int
     if old.get("model", {}).get("source_hash") != source_hash(model, seed):
         return None
     if progress:
-        print(f"{out_dir}: up to date ({', '.join(wanted)}: same weights, precision, opset and sdrt version; "
-              f"files match the manifest), nothing to do (--force re-exports)", file=sys.stderr, flush=True)
+        print(_up_to_date_line(out_dir, wanted), file=sys.stderr, flush=True)
     return old
+
+
+def _up_to_date_line(out_dir: Path, names) -> str:
+    return (f"{out_dir}: up to date ({', '.join(names)}: same weights, precision, opset and sdrt version; files "
+            "match the manifest), nothing to do (--force re-exports)")
+
+
+def export_lock(out_dir: Path, say) -> DirLock:
+    """One export per directory (this one and the int8 export): a second one, say another service starting on the
+    same cache, waits, then finds the first one's graphs up to date instead of spending the same minutes and
+    gigabytes again."""
+    return DirLock(out_dir, LOCK_FILE, "sdrt export", LOCK_TIMEOUT_S,
+                   on_wait=lambda holder: say(f"{out_dir}: another export ({holder}) is writing here; waiting for it"))
 
 
 def _select(components, specs: dict, model_name: str) -> list[str]:

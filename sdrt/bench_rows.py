@@ -290,7 +290,7 @@ def export_onnx(ctx: Context, precision: str, log=None) -> tuple[Path, float, bo
     benchmark run neither pays nor hides it. The export runs in a child process: the time budget can stop it, and
     its memory (an int8 calibration holds a second fp32 model) is gone when it ends. run_bench exports before it
     loads anything (prepare_exports); a row then finds its result in ctx.exports."""
-    from sdrt.backends.onnxruntime import cache_root
+    from sdrt.backends.onnxruntime import cache_dir
     from sdrt.export.onnx_manifest import read_manifest
 
     done = ctx.exports.get(precision)
@@ -299,7 +299,7 @@ def export_onnx(ctx: Context, precision: str, log=None) -> tuple[Path, float, bo
     if done is not None:
         return done
     key = ctx.source_hash or ctx.info.source_hash
-    out = cache_root() / "onnx" / f"{key[:16]}-{precision}"  # ORT's cache_dir(), from the hash
+    out = cache_dir(key, precision)
     m = read_manifest(out)
     if m and m.get("precision") == precision and m.get("model", {}).get("source_hash") == key:
         return out, sum(c.get("export_s") or 0.0 for c in m["components"].values()), True

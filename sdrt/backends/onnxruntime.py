@@ -41,8 +41,9 @@ def cache_root() -> Path:
     return Path(os.environ.get("SDRT_CACHE") or Path.home() / ".cache" / "sdrt").expanduser()
 
 
-def cache_dir(components, precision: Precision) -> Path:
-    return cache_root() / "onnx" / f"{components.source_hash[:16]}-{precision.value}"
+def cache_dir(source_hash: str, precision: str) -> Path:
+    """The shared export cache's directory for one set of weights (their hash) at one precision."""
+    return cache_root() / "onnx" / f"{source_hash[:16]}-{precision}"
 
 
 def ensure_onnx(components, precision: Precision, onnx_dir=None, log=None) -> Path:
@@ -52,7 +53,7 @@ def ensure_onnx(components, precision: Precision, onnx_dir=None, log=None) -> Pa
 
     if onnx_dir is not None:
         refuse_foreign_export(Path(onnx_dir), components, precision)
-    onnx_dir = Path(onnx_dir) if onnx_dir is not None else cache_dir(components, precision)
+    onnx_dir = Path(onnx_dir) if onnx_dir is not None else cache_dir(components.source_hash, precision.value)
     if not manifest_matches(onnx_dir, components, precision):
         if log is not None:
             log(f"exporting {components.name} to ONNX ({precision.value}) in {onnx_dir}: once, reused after")
