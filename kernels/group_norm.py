@@ -9,16 +9,30 @@ on its own statistics, then every channel gets its affine weight and bias:
 
 SD's shapes: G = 32, C = 320 .. 2560 (C/G = 10 .. 80 channels per group), H*W = 8^2 .. 128^2, so a group holds from
 640 to over a million values, and there are only N * 32 groups (32 or 64): one program per group cannot fill a GPU
-with 132 SMs. We therefore use a *split reduction* in two kernels:
+with 132 SMs. We therefore use a *split reduction*:
 
-  1. _group_norm_stats_kernel, grid (N*G, SPLIT): program (ng, s) reduces a contiguous range of H*W positions of its
-     group (all C/G channels) to two fp32 partial sums and writes them to a tiny (N*G, SPLIT, 2) buffer.
-  2. _group_norm_apply_kernel, same grid: each program re-reads the SPLIT partials of its group (a few hundred bytes),
-     turns them into mean and 1/std, folds weight and 1/std into one scale per channel, and normalises the same
-     range it reduced in step 1: y = (x - mean) * (w * rstd) + b, then SiLU.
+  1. _group_norm_stats_kernel, grid (N * chunks, SPLIT): program (nk, s) reduces a contiguous range of H*W positions
+     of one *chunk* of GPP adjacent groups (all their channels) to two fp32 partial sums per group and writes them
+     to a tiny (N*G, SPLIT, 2) buffer.
+  2. _group_norm_apply_kernel, same grid: each program reads the SPLIT partials of its groups, turns them into mean
+     and 1/std, folds weight and 1/std into one scale per channel, and normalises the same range it reduced in
+     step 1: y = (x - mean) * (w * rstd) + b, then SiLU. Where GPP * SPLIT is large (channels-last), every program
+     re-reading all those partials would cost a good fraction of its own bytes, so a third, tiny kernel between
+     the two (_group_norm_finalize_kernel) reduces them once per group to (N*G, 2) statistics.
 
 x is read twice and y written once. SPLIT is chosen so the grid has a few programs per SM; each program then handles
 a slice small enough that, for SD's activations (<= 21 MB for 2 x 320 x 128^2 fp16), the second read mostly hits L2.
+
+Groups per program (GPP). A program's tile is (BLOCK_HW pixels, BLOCK_C channels) with BLOCK_C = next_pow2(GPP *
+C/G), masked past the chunk. In NCHW the H*W axis is contiguous, so GPP = 1 and each channel row of the tile is
+a contiguous run. In channels-last (NHWC, what sdrt's torch backend runs) the *channel* axis is contiguous: one
+group of 4 (the VAE's 128 channels) to 10 channels (320) is an 8 to 20 byte run per pixel, a fraction of each
+32-byte sector fetched, with the rest of the pixel's row C elements away. A chunk of several groups reads one
+contiguous run of GPP * C/G channels per pixel instead (>= 128 bytes, 16-byte aligned, little padding: 12 groups
+of 10 channels are 120 of 128 lanes). The chunk width is a constexpr so that Triton can prove the runs aligned:
+compiled for sm_90 (ptxas, checked without a GPU), one group a program at C/G = 10..40 and the runtime-width
+chunk both gave scalar 2-byte loads and stores; constexpr chunks give 16-byte ones. Per-group sums come from
+per-channel sums by a one-hot (BLOCK_C, BLOCK_G) reduction once per program, not per element.
 
 Statistics in fp32 with a shift: summing x and x^2 and taking E[x^2] - E[x]^2 cancels catastrophically when
 |mean| >> std. We sum (x - K) and (x - K)^2 instead, with K = the group's first value (the "shifted data" algorithm):
@@ -30,10 +44,12 @@ while rounding mean = (mean - K) + K to fp32 would cost an ulp of |mean| relativ
 Memory formats: a group is a (H*W, C/G) tile with strides (stride_hw, stride_c): contiguous NCHW has
 (1, H*W) and channels-last NHWC has (C, 1). The kernels take both strides, so one kernel serves both formats, and
 Triton specialises the stride that equals 1 so the loads are vectorised along whichever axis is contiguous.
-The channel axis is padded to a power of two (BLOCK_C) and masked. The output has x's memory format and dtype.
+The output has x's memory format and dtype.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -48,26 +64,65 @@ _NUM_WARPS = 4
 # Programs wanted per SM on CUDA; on CPU (Triton's interpreter) a fixed small target so tests still split groups.
 _PROGRAMS_PER_SM = 4
 _TARGET_PROGRAMS_CPU = 64
+# Channels-last chunks: at least this many contiguous bytes per pixel (a 128-byte line, four 32-byte sectors), at
+# most _MAX_BLOCK_C lanes wide, so a tile still spans >= 8 pixels.
+_MIN_RUN_BYTES = 128
+_MAX_BLOCK_C = 256
+# Partials (GPP * SPLIT) an apply program may reduce itself before a finalize kernel does it once per group.
+_MAX_PARTIALS_PER_APPLY = 32
+
+
+@triton.jit
+def _chunk_setup(X, stride_xn, stride_xc, pid_nk, C, CPG, N_CHUNKS,
+                 CHUNK_C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Program row pid_nk's chunk of GPP = CHUNK_C / CPG adjacent groups of one sample, seen per channel lane.
+
+    Returns n, the chunk's first channel c0, its first (n * G + g) group index, x's base pointer for the chunk, the
+    channel lanes (BLOCK_C,) and their mask, the (BLOCK_C, BLOCK_G) one-hot of lane -> group within the chunk, the
+    group mask (BLOCK_G,), and K, each lane's group shift (BLOCK_C,) fp32 = x[n, first channel of the group, hw=0].
+    CHUNK_C is a constexpr so that Triton knows c0's alignment and the mask's constancy (16-byte loads)."""
+    n = pid_nk // N_CHUNKS
+    c0 = (pid_nk % N_CHUNKS) * CHUNK_C
+    x_base = X + n.to(tl.int64) * stride_xn + c0.to(tl.int64) * stride_xc
+    offs_c = tl.arange(0, BLOCK_C)
+    c_mask = (offs_c < CHUNK_C) & (c0 + offs_c < C)  # the last chunk may hold fewer groups
+    lane_group = offs_c // CPG  # once per program, not per element
+    offs_g = tl.arange(0, BLOCK_G)
+    g_mask = (offs_g * CPG < CHUNK_C) & (c0 + offs_g * CPG < C)
+    one_hot = (lane_group[:, None] == offs_g[None, :]) & c_mask[:, None]
+    shift = tl.load(x_base + lane_group * CPG * stride_xc, mask=c_mask, other=0.0).to(tl.float32)
+    return n, c0, n * (C // CPG) + c0 // CPG, x_base, offs_c, c_mask, one_hot, g_mask, shift
+
+
+@triton.jit
+def _group_stats(PARTIAL, rows, row_mask, SPLIT, inv_count, eps, BLOCK_SPLIT: tl.constexpr):
+    """(mean - K, 1 / std) of the groups `rows` (BLOCK_R,) from their SPLIT partial sums, all fp32."""
+    offs_s = tl.arange(0, BLOCK_SPLIT)
+    part = PARTIAL + (rows[:, None] * SPLIT + offs_s[None, :]) * 2  # (BLOCK_R, BLOCK_SPLIT)
+    mask = row_mask[:, None] & (offs_s[None, :] < SPLIT)
+    s1 = tl.sum(tl.load(part, mask=mask, other=0.0), 1)
+    s2 = tl.sum(tl.load(part + 1, mask=mask, other=0.0), 1)
+    mean_shifted = s1 * inv_count
+    var = tl.maximum(s2 * inv_count - mean_shifted * mean_shifted, 0.0)
+    return mean_shifted, 1.0 / tl.sqrt(var + eps)
 
 
 @triton.jit
 def _group_norm_stats_kernel(
     X, PARTIAL,  # PARTIAL: (N*G, SPLIT, 2) fp32, sum(x - K) and sum((x - K)^2) of each slice
     stride_xn, stride_xc, stride_xhw,
-    G, HW, CPG, HW_PER_PROGRAM, SPLIT,  # CPG: channels per group; HW_PER_PROGRAM: a multiple of BLOCK_HW
+    C, HW, CPG, N_CHUNKS, HW_PER_PROGRAM, SPLIT,  # CPG: channels per group; HW_PER_PROGRAM: k * BLOCK_HW
+    CHUNK_C: tl.constexpr,  # channels per program: GPP * CPG
     BLOCK_HW: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # next power of two >= CHUNK_C
+    BLOCK_G: tl.constexpr,  # next power of two >= GPP
 ):
-    pid_ng = tl.program_id(0)
+    pid_nk = tl.program_id(0)
     pid_s = tl.program_id(1)
-    n = pid_ng // G
-    g = pid_ng % G
-    x_base = X + n.to(tl.int64) * stride_xn + (g * CPG).to(tl.int64) * stride_xc
-    offs_c = tl.arange(0, BLOCK_C)
+    _, _, ng0, x_base, offs_c, c_mask, one_hot, g_mask, shift = _chunk_setup(
+        X, stride_xn, stride_xc, pid_nk, C, CPG, N_CHUNKS, CHUNK_C, BLOCK_C, BLOCK_G)
     offs_hw = tl.arange(0, BLOCK_HW)
-    c_mask = offs_c < CPG
 
-    shift = tl.load(x_base).to(tl.float32)  # K = x[n, g * CPG, 0, 0], identical in every program of the group
     sum1 = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
     sum2 = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
     hw_start = pid_s * HW_PER_PROGRAM
@@ -77,57 +132,74 @@ def _group_norm_stats_kernel(
         mask = (hw[:, None] < HW) & c_mask[None, :]
         ptrs = x_base + hw[:, None] * stride_xhw + offs_c[None, :] * stride_xc  # (BLOCK_HW, BLOCK_C)
         x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        x = tl.where(mask, x - shift, 0.0)
+        x = tl.where(mask, x - shift[None, :], 0.0)
         sum1 += x
         sum2 += x * x
 
-    out = PARTIAL + (pid_ng * SPLIT + pid_s) * 2
-    tl.store(out, tl.sum(tl.sum(sum1, 1), 0))
-    tl.store(out + 1, tl.sum(tl.sum(sum2, 1), 0))
+    # (BLOCK_HW, BLOCK_C) -> per channel (BLOCK_C,) -> per group (BLOCK_G,)
+    s1 = tl.sum(tl.where(one_hot, tl.sum(sum1, 0)[:, None], 0.0), 0)
+    s2 = tl.sum(tl.where(one_hot, tl.sum(sum2, 0)[:, None], 0.0), 0)
+    out = PARTIAL + ((ng0 + tl.arange(0, BLOCK_G)) * SPLIT + pid_s) * 2
+    tl.store(out, s1, mask=g_mask)
+    tl.store(out + 1, s2, mask=g_mask)
+
+
+@triton.jit
+def _group_norm_finalize_kernel(
+    PARTIAL, STATS,  # STATS: (N*G, 2) fp32, mean - K and 1 / std
+    N_GROUPS, SPLIT, inv_count, eps,
+    BLOCK_R: tl.constexpr,
+    BLOCK_SPLIT: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask = rows < N_GROUPS
+    mean_shifted, rstd = _group_stats(PARTIAL, rows, mask, SPLIT, inv_count, eps, BLOCK_SPLIT)
+    tl.store(STATS + rows * 2, mean_shifted, mask=mask)
+    tl.store(STATS + rows * 2 + 1, rstd, mask=mask)
 
 
 @triton.jit
 def _group_norm_apply_kernel(
-    X, Y, W, B, PARTIAL,
+    X, Y, W, B, PARTIAL, STATS,
     stride_xn, stride_xc, stride_xhw,
     stride_yn, stride_yc, stride_yhw,
-    G, HW, CPG, HW_PER_PROGRAM, SPLIT,
+    C, HW, CPG, N_CHUNKS, HW_PER_PROGRAM, SPLIT,
     inv_count, eps,  # inv_count = 1 / (CPG * HW)
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SILU: tl.constexpr,
+    FINALIZED: tl.constexpr,  # STATS holds each group's statistics; else reduce its SPLIT partials here
+    CHUNK_C: tl.constexpr,
     BLOCK_HW: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    BLOCK_G: tl.constexpr,
     BLOCK_SPLIT: tl.constexpr,  # next power of two >= SPLIT
 ):
-    pid_ng = tl.program_id(0)
+    pid_nk = tl.program_id(0)
     pid_s = tl.program_id(1)
-    n = pid_ng // G
-    g = pid_ng % G
-    x_base = X + n.to(tl.int64) * stride_xn + (g * CPG).to(tl.int64) * stride_xc
-    y_base = Y + n.to(tl.int64) * stride_yn + (g * CPG).to(tl.int64) * stride_yc
-    offs_c = tl.arange(0, BLOCK_C)
+    n, c0, ng0, x_base, offs_c, c_mask, one_hot, g_mask, shift = _chunk_setup(
+        X, stride_xn, stride_xc, pid_nk, C, CPG, N_CHUNKS, CHUNK_C, BLOCK_C, BLOCK_G)
+    y_base = Y + n.to(tl.int64) * stride_yn + c0.to(tl.int64) * stride_yc
     offs_hw = tl.arange(0, BLOCK_HW)
-    c_mask = offs_c < CPG
 
-    # Group statistics from the SPLIT partials written by _group_norm_stats_kernel (all fp32).
-    offs_s = tl.arange(0, BLOCK_SPLIT)
-    part = PARTIAL + pid_ng * SPLIT * 2 + offs_s * 2
-    s1 = tl.sum(tl.load(part, mask=offs_s < SPLIT, other=0.0), 0)
-    s2 = tl.sum(tl.load(part + 1, mask=offs_s < SPLIT, other=0.0), 0)
-    mean_shifted = s1 * inv_count  # mean - K
-    var = tl.maximum(s2 * inv_count - mean_shifted * mean_shifted, 0.0)
-    rstd = 1.0 / tl.sqrt(var + eps)
-    shift = tl.load(x_base).to(tl.float32)  # K, as in the stats kernel
+    rows = ng0 + tl.arange(0, BLOCK_G)
+    if FINALIZED:
+        mean_shifted = tl.load(STATS + rows * 2, mask=g_mask, other=0.0)  # (BLOCK_G,): mean - K
+        rstd = tl.load(STATS + rows * 2 + 1, mask=g_mask, other=0.0)
+    else:
+        mean_shifted, rstd = _group_stats(PARTIAL, rows, g_mask, SPLIT, inv_count, eps, BLOCK_SPLIT)
+    # ... per channel lane (BLOCK_C,), through the one-hot: once per program.
+    mean_shifted = tl.sum(tl.where(one_hot, mean_shifted[None, :], 0.0), 1)
+    rstd = tl.sum(tl.where(one_hot, rstd[None, :], 0.0), 1)
 
     # Per-channel scale = weight * rstd. We normalise in the shifted domain, ((x - K) - (mean - K)) * scale + bias:
     # folding everything into x * scale + (bias - mean * scale) would cancel two numbers of size |mean| * scale.
-    scale = tl.zeros([BLOCK_C], dtype=tl.float32) + rstd
+    scale = rstd
     if HAS_WEIGHT:
-        scale *= tl.load(W + g * CPG + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+        scale *= tl.load(W + c0 + offs_c, mask=c_mask, other=0.0).to(tl.float32)
     bias = tl.zeros([BLOCK_C], dtype=tl.float32)
     if HAS_BIAS:
-        bias += tl.load(B + g * CPG + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+        bias += tl.load(B + c0 + offs_c, mask=c_mask, other=0.0).to(tl.float32)
 
     hw_start = pid_s * HW_PER_PROGRAM
     hw_end = tl.minimum(hw_start + HW_PER_PROGRAM, HW)
@@ -135,7 +207,7 @@ def _group_norm_apply_kernel(
         hw = hw0 + offs_hw
         mask = (hw[:, None] < HW) & c_mask[None, :]
         x = tl.load(x_base + hw[:, None] * stride_xhw + offs_c[None, :] * stride_xc, mask=mask, other=0.0)
-        y = ((x.to(tl.float32) - shift) - mean_shifted) * scale[None, :] + bias[None, :]  # (BLOCK_HW, BLOCK_C)
+        y = ((x.to(tl.float32) - shift[None, :]) - mean_shifted[None, :]) * scale[None, :] + bias[None, :]
         if SILU:
             y = y * tl.sigmoid(y)
         tl.store(y_base + hw[:, None] * stride_yhw + offs_c[None, :] * stride_yc, y.to(Y.dtype.element_ty), mask=mask)
@@ -157,7 +229,57 @@ def _num_programs_target(device: torch.device) -> int:
     return _TARGET_PROGRAMS_CPU
 
 
-def _check_inputs(x, num_groups, weight, bias) -> None:
+def _groups_per_program(num_groups: int, cpg: int, element_size: int, channels_contiguous: bool) -> int:
+    """How many adjacent groups one program takes: 1 where H*W is the contiguous axis (NCHW); in channels-last, the
+    fewest groups whose channels make a 16-byte-aligned run of >= _MIN_RUN_BYTES per pixel with the least padding
+    to a power-of-two tile width (e.g. 12 groups of 10 fp16 channels: 240 bytes in 128 lanes)."""
+    if not channels_contiguous:
+        return 1
+    best, best_key = 1, None
+    for gpp in range(1, num_groups + 1):
+        width = gpp * cpg
+        if width * element_size < _MIN_RUN_BYTES and gpp < num_groups:
+            continue
+        if triton.next_power_of_2(width) > _MAX_BLOCK_C and best_key is not None:
+            break
+        key = ((width * element_size) % 16 == 0, width / triton.next_power_of_2(width))
+        if best_key is None or key > best_key:  # ties keep the narrower chunk: more programs, no wider tile
+            best, best_key = gpp, key
+    return best
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How one call is cut into programs: grid (N * n_chunks, split) for the stats and apply kernels."""
+
+    gpp: int  # groups per program (a chunk)
+    n_chunks: int  # chunks per sample
+    block_c: int  # next_pow2(gpp * C/G) channel lanes
+    block_hw: int  # pixels per tile; block_hw * block_c <= _TILE
+    split: int  # programs per chunk, each over hw_per_program pixels
+    hw_per_program: int
+    finalize: bool  # reduce the partials in a third, tiny kernel (else every apply program reduces its own)
+
+
+def _plan(N: int, C: int, HW: int, num_groups: int, element_size: int, channels_contiguous: bool,
+          target_programs: int, groups_per_program: int | None = None) -> _Plan:
+    cpg = C // num_groups
+    gpp = groups_per_program or _groups_per_program(num_groups, cpg, element_size, channels_contiguous)
+    n_chunks = triton.cdiv(num_groups, gpp)
+    block_c = triton.next_power_of_2(gpp * cpg)
+    block_hw = min(max(1, _TILE // block_c), triton.next_power_of_2(HW))
+    n_tiles = triton.cdiv(HW, block_hw)
+    split = max(1, min(n_tiles, triton.cdiv(target_programs, N * n_chunks)))
+    hw_per_program = triton.cdiv(n_tiles, split) * block_hw
+    split = triton.cdiv(HW, hw_per_program)  # drop programs that rounding left without work
+    # Each apply program needs the SPLIT partials of each of its GPP groups: past a few dozen, that re-read costs
+    # more than one tiny extra launch that reduces them once per group (channels-last 2 x 320 x 64^2 cuts each of
+    # its 6 chunks into 86 programs: 12 x 86 partials per program against ~11 KB of its own data).
+    finalize = gpp * split > _MAX_PARTIALS_PER_APPLY
+    return _Plan(gpp, n_chunks, block_c, block_hw, split, hw_per_program, finalize)
+
+
+def _check_inputs(x, num_groups, weight, bias, groups_per_program) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"group_norm: x must be a rank-4 tensor (N, C, H, W), got {shape}")
@@ -173,6 +295,8 @@ def _check_inputs(x, num_groups, weight, bias) -> None:
             raise ValueError(f"group_norm: {name} must have shape ({C},), got {tuple(p.shape)}")
         if p.device != x.device:
             raise ValueError(f"group_norm: {name} is on {p.device} but x is on {x.device}")
+    if groups_per_program is not None and not 1 <= groups_per_program <= num_groups:
+        raise ValueError(f"group_norm: groups_per_program={groups_per_program} must be in 1..{num_groups}")
 
 
 def group_norm(
@@ -182,13 +306,16 @@ def group_norm(
     bias: torch.Tensor | None,
     eps: float = 1e-5,
     silu: bool = False,
+    *,
+    groups_per_program: int | None = None,
 ) -> torch.Tensor:
     """F.group_norm(x, num_groups, weight, bias, eps), then SiLU if silu; statistics in fp32.
 
     x: (N, C, H, W), contiguous or channels-last, fp16/bf16/fp32. weight, bias: (C,) or None.
+    groups_per_program: adjacent groups per program (a tuning knob for benchmarks); None picks it.
     Returns a tensor of x's dtype and memory format.
     """
-    _check_inputs(x, num_groups, weight, bias)
+    _check_inputs(x, num_groups, weight, bias, groups_per_program)
     if _spatial_stride(x) is None:  # neither NCHW nor NHWC (e.g. a strided slice): work on a contiguous copy
         x = x.contiguous()
     y = torch.empty_like(x)  # keeps x's strides, hence its memory format
@@ -196,30 +323,34 @@ def group_norm(
     HW = H * W
     if x.numel() == 0:
         return y
+    p = _plan(N, C, HW, num_groups, x.element_size(), x.stride(1) == 1 and C > 1, _num_programs_target(x.device),
+              groups_per_program)
     cpg = C // num_groups
     n_groups = N * num_groups
+    inv_count = 1.0 / (cpg * HW)
+    block_split = triton.next_power_of_2(p.split)
 
-    block_c = triton.next_power_of_2(cpg)
-    block_hw = min(max(1, _TILE // block_c), triton.next_power_of_2(HW))
-    n_tiles = triton.cdiv(HW, block_hw)
-    split = max(1, min(n_tiles, triton.cdiv(_num_programs_target(x.device), n_groups)))
-    hw_per_program = triton.cdiv(n_tiles, split) * block_hw
-    split = triton.cdiv(HW, hw_per_program)  # drop programs that rounding left without work
-
-    partial = torch.empty((n_groups, split, 2), dtype=torch.float32, device=x.device)
-    grid = (n_groups, split)
+    partial = torch.empty((n_groups, p.split, 2), dtype=torch.float32, device=x.device)
+    stats = torch.empty((n_groups, 2), dtype=torch.float32, device=x.device) if p.finalize else partial
+    grid = (N * p.n_chunks, p.split)
     x_strides = (x.stride(0), x.stride(1), _spatial_stride(x))
     y_strides = (y.stride(0), y.stride(1), _spatial_stride(y))
-    sizes = (num_groups, HW, cpg, hw_per_program, split)
-    blocks = {"BLOCK_HW": block_hw, "BLOCK_C": block_c, "num_warps": _NUM_WARPS}
+    sizes = (C, HW, cpg, p.n_chunks, p.hw_per_program, p.split)
+    blocks = {"CHUNK_C": p.gpp * cpg, "BLOCK_HW": p.block_hw, "BLOCK_C": p.block_c,
+              "BLOCK_G": triton.next_power_of_2(p.gpp), "num_warps": _NUM_WARPS}
     _group_norm_stats_kernel[grid](x, partial, *x_strides, *sizes, **blocks)
+    if p.finalize:
+        block_r = max(1, _TILE // block_split)
+        _group_norm_finalize_kernel[(triton.cdiv(n_groups, block_r),)](
+            partial, stats, n_groups, p.split, inv_count, float(eps), BLOCK_R=block_r, BLOCK_SPLIT=block_split,
+            num_warps=_NUM_WARPS)
     _group_norm_apply_kernel[grid](
         x, y,
         weight if weight is not None else x,  # dummy pointer, never read when HAS_WEIGHT is False
         bias if bias is not None else x,
-        partial, *x_strides, *y_strides, *sizes, 1.0 / (cpg * HW), float(eps),
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=bool(silu),
-        BLOCK_SPLIT=triton.next_power_of_2(split), **blocks,
+        partial, stats, *x_strides, *y_strides, *sizes, inv_count, float(eps),
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=bool(silu), FINALIZED=p.finalize,
+        BLOCK_SPLIT=block_split, **blocks,
     )
     return y
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from sdrt.kernels import group_norm, group_norm_ref
+from sdrt.kernels.group_norm import _plan
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -70,6 +71,47 @@ def test_group_norm_sd_shapes(N, C, H, W, dtype, atol, rtol, memory_format):
     _check(*_inputs(N, C, H, W, dtype, memory_format), True, atol, rtol)
 
 
+@pytest.mark.parametrize("memory_format", FORMATS)
+@pytest.mark.parametrize("groups_per_program", [1, 3, 5, 32])  # 3 and 5: the last chunk holds fewer groups
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES[:2])
+def test_group_norm_any_groups_per_program(groups_per_program, dtype, atol, rtol, memory_format):
+    x, w, b = _inputs(2, 320, 5, 7, dtype, memory_format)
+    y = group_norm(x, 32, w, b, silu=True, groups_per_program=groups_per_program)
+    torch.testing.assert_close(y, group_norm_ref(x, 32, w, b, silu=True), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("memory_format, finalize", [
+    pytest.param(torch.contiguous_format, False, id="nchw-apply-reduces"),
+    pytest.param(torch.channels_last, True, id="nhwc-finalize-kernel"),
+])
+def test_group_norm_both_statistics_paths(memory_format, finalize):
+    # (1, 320, 16, 17) on the CPU's 64-program target: NCHW splits each group in 2 and every apply program reduces
+    # its 2 partials; channels-last takes 12 groups a program, splits each chunk in 17 and reduces in a third kernel.
+    x, w, b = _inputs(1, 320, 16, 17, torch.float32, memory_format)
+    assert _plan(1, 320, 16 * 17, 32, 4, memory_format == torch.channels_last, 64).finalize is finalize
+    y = group_norm(x, 32, w, b, silu=True)
+    torch.testing.assert_close(y, group_norm_ref(x, 32, w, b, silu=True), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("N, C, H, W", [s.values for s in GPU_SHAPES])
+def test_group_norm_plan_at_sd_shapes(N, C, H, W):
+    # What the launcher decides for an H100 (132 SMs x 4 programs), fp16. Channels-last chunks read runs of >= 128
+    # contiguous, 16-byte-aligned bytes per pixel with <= 1/4 of the lanes masked; NCHW keeps one group a program.
+    # The grid fills the GPU without oversubscribing it.
+    target = 4 * 132
+    for channels_last in (False, True):
+        p = _plan(N, C, H * W, 32, 2, channels_last, target)
+        run_bytes = p.gpp * (C // 32) * 2
+        if channels_last:
+            assert run_bytes >= 128 and run_bytes % 16 == 0 and run_bytes / 2 / p.block_c >= 0.75
+        else:
+            assert p.gpp == 1
+        assert p.block_c * p.block_hw <= 2048 and p.block_c <= 256
+        assert target / 2 <= N * p.n_chunks * p.split <= 2 * target
+        assert p.split * p.hw_per_program >= H * W > (p.split - 1) * p.hw_per_program  # every pixel, no idle program
+        assert p.finalize == (p.gpp * p.split > 32)
+
+
 def test_group_norm_no_affine_and_other_groups():
     x, _, _ = _inputs(2, 64, 5, 6, torch.float32, torch.channels_last)
     _check(x, None, None, False, 1e-5, 1e-5)
@@ -110,3 +152,5 @@ def test_group_norm_errors(shape, num_groups, weight_shape, match):
         group_norm(torch.zeros(shape), num_groups, torch.ones(weight_shape), None)
     with pytest.raises(ValueError, match="dtype"):
         group_norm(torch.zeros(1, 32, 2, 2, dtype=torch.float64), 32, None, None)
+    with pytest.raises(ValueError, match="groups_per_program"):
+        group_norm(torch.zeros(1, 32, 2, 2), 32, None, None, groups_per_program=33)
