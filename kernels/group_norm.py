@@ -20,6 +20,11 @@ with 132 SMs. We therefore use a *split reduction*:
      re-reading all those partials would cost a good fraction of its own bytes, so a third, tiny kernel between
      the two (_group_norm_finalize_kernel) reduces them once per group to (N*G, 2) statistics.
 
+On Hopper the second and third kernels are launched *programmatically dependent* (PDL): the stats kernel lets them
+launch at once, they run their prologue (chunk setup, the group shifts) while the previous kernel finishes, and
+wait (griddepcontrol.wait) before they read its outputs. That hides most of a launch boundary, the fixed cost that
+dominates SD's small shapes (5-10 us for two launches on an H100).
+
 x is read twice and y written once. SPLIT is chosen so the grid has a few programs per SM; each program then handles
 a slice small enough that, for SD's activations (<= 21 MB for 2 x 320 x 128^2 fp16), the second read mostly hits L2.
 
@@ -49,6 +54,7 @@ The output has x's memory format and dtype.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -116,7 +122,10 @@ def _group_norm_stats_kernel(
     BLOCK_HW: tl.constexpr,
     BLOCK_C: tl.constexpr,  # next power of two >= CHUNK_C
     BLOCK_G: tl.constexpr,  # next power of two >= GPP
+    PDL: tl.constexpr,  # the next kernel is launched programmatically dependent: let it launch now
 ):
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     pid_nk = tl.program_id(0)
     pid_s = tl.program_id(1)
     _, _, ng0, x_base, offs_c, c_mask, one_hot, g_mask, shift = _chunk_setup(
@@ -150,7 +159,11 @@ def _group_norm_finalize_kernel(
     N_GROUPS, SPLIT, inv_count, eps,
     BLOCK_R: tl.constexpr,
     BLOCK_SPLIT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # launched early: wait until the stats kernel's partials are complete and visible
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask = rows < N_GROUPS
     mean_shifted, rstd = _group_stats(PARTIAL, rows, mask, SPLIT, inv_count, eps, BLOCK_SPLIT)
@@ -174,6 +187,7 @@ def _group_norm_apply_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_SPLIT: tl.constexpr,  # next power of two >= SPLIT
+    PDL: tl.constexpr,
 ):
     pid_nk = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -182,6 +196,10 @@ def _group_norm_apply_kernel(
     y_base = Y + n.to(tl.int64) * stride_yn + c0.to(tl.int64) * stride_yc
     offs_hw = tl.arange(0, BLOCK_HW)
 
+    # Everything above reads only x (complete before the stats kernel started), and nothing was written: with PDL
+    # that ran while the previous kernel finished. Its outputs are read only after this wait.
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     rows = ng0 + tl.arange(0, BLOCK_G)
     if FINALIZED:
         mean_shifted = tl.load(STATS + rows * 2, mask=g_mask, other=0.0)  # (BLOCK_G,): mean - K
@@ -227,6 +245,16 @@ def _num_programs_target(device: torch.device) -> int:
     if device.type == "cuda":
         return _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
     return _TARGET_PROGRAMS_CPU
+
+
+@functools.cache
+def _pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch: Hopper (sm_90) or newer, and a Triton that has it (3.4+)."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    return "launch_pdl" in CUDAOptions.__dataclass_fields__
 
 
 def _groups_per_program(num_groups: int, cpg: int, element_size: int, channels_contiguous: bool) -> int:
@@ -279,6 +307,13 @@ def _plan(N: int, C: int, HW: int, num_groups: int, element_size: int, channels_
     return _Plan(gpp, n_chunks, block_c, block_hw, split, hw_per_program, finalize)
 
 
+def plan_for(x: torch.Tensor, num_groups: int, groups_per_program: int | None = None) -> _Plan:
+    """The launch plan group_norm uses for x on its device (benchmarks report it beside the times)."""
+    N, C, H, W = x.shape
+    return _plan(N, C, H * W, num_groups, x.element_size(), x.stride(1) == 1 and C > 1,
+                 _num_programs_target(x.device), groups_per_program)
+
+
 def _check_inputs(x, num_groups, weight, bias, groups_per_program) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -308,11 +343,13 @@ def group_norm(
     silu: bool = False,
     *,
     groups_per_program: int | None = None,
+    pdl: bool | None = None,
 ) -> torch.Tensor:
     """F.group_norm(x, num_groups, weight, bias, eps), then SiLU if silu; statistics in fp32.
 
     x: (N, C, H, W), contiguous or channels-last, fp16/bf16/fp32. weight, bias: (C,) or None.
-    groups_per_program: adjacent groups per program (a tuning knob for benchmarks); None picks it.
+    Tuning knobs for benchmarks: groups_per_program, adjacent groups per program (None picks it); pdl, launch the
+    second and third kernels programmatically dependent (None: where the GPU and Triton support it).
     Returns a tensor of x's dtype and memory format.
     """
     _check_inputs(x, num_groups, weight, bias, groups_per_program)
@@ -323,8 +360,7 @@ def group_norm(
     HW = H * W
     if x.numel() == 0:
         return y
-    p = _plan(N, C, HW, num_groups, x.element_size(), x.stride(1) == 1 and C > 1, _num_programs_target(x.device),
-              groups_per_program)
+    p = plan_for(x, num_groups, groups_per_program)
     cpg = C // num_groups
     n_groups = N * num_groups
     inv_count = 1.0 / (cpg * HW)
@@ -338,19 +374,21 @@ def group_norm(
     sizes = (C, HW, cpg, p.n_chunks, p.hw_per_program, p.split)
     blocks = {"CHUNK_C": p.gpp * cpg, "BLOCK_HW": p.block_hw, "BLOCK_C": p.block_c,
               "BLOCK_G": triton.next_power_of_2(p.gpp), "num_warps": _NUM_WARPS}
-    _group_norm_stats_kernel[grid](x, partial, *x_strides, *sizes, **blocks)
+    pdl = _pdl_supported(x.device) if pdl is None else bool(pdl)
+    dependent = {"PDL": pdl, "launch_pdl": True} if pdl else {"PDL": False}  # the interpreter drops launch_pdl
+    _group_norm_stats_kernel[grid](x, partial, *x_strides, *sizes, **blocks, PDL=pdl)
     if p.finalize:
         block_r = max(1, _TILE // block_split)
         _group_norm_finalize_kernel[(triton.cdiv(n_groups, block_r),)](
             partial, stats, n_groups, p.split, inv_count, float(eps), BLOCK_R=block_r, BLOCK_SPLIT=block_split,
-            num_warps=_NUM_WARPS)
+            num_warps=_NUM_WARPS, **dependent)
     _group_norm_apply_kernel[grid](
         x, y,
         weight if weight is not None else x,  # dummy pointer, never read when HAS_WEIGHT is False
         bias if bias is not None else x,
         partial, stats, *x_strides, *y_strides, *sizes, inv_count, float(eps),
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=bool(silu), FINALIZED=p.finalize,
-        BLOCK_SPLIT=block_split, **blocks,
+        BLOCK_SPLIT=block_split, **blocks, **dependent,
     )
     return y
 

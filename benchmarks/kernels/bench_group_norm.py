@@ -6,18 +6,29 @@ Bandwidth counted: the bytes any implementation must move, x read once and y wri
 
 applied to both columns, so GB/s compares work done per second. (Our kernel actually reads x twice, statistics then
 normalise, the second read mostly from L2; torch's unfused pair moves 4x: group norm reads + writes, SiLU reads +
-writes.) H100 SXM HBM3 peak: ~3350 GB/s.
+writes.) The ceiling is measured in the same run: `copy_gbps`, a 1 GiB device-to-device copy counted the same way
+(read + written), and `pct_copy` = gbps / copy_gbps is the figure issue 6's "70% of memory bandwidth" asks for.
+
+Columns (CUDA; every time is a median of CUDA-graph replays unless it says launch):
+  ms, gbps, pct_copy    cold: the graph cycles through copies of x that overflow L2 twice, so x comes from HBM
+  warm_ms, warm_gbps    one x, replayed: x stays in L2 when it fits, as when the conv before just wrote it
+  torch_ms, torch_gbps  F.group_norm + F.silu, cold
+  speedup               torch_ms / ms, cold
+  launch_ms             plain calls (do_bench), host launch cost included: what an uncaptured caller pays
+  gpp, split, finalize  the launch plan: groups per program, programs per chunk, third kernel or not
+  gpp1_ms               channels-last only, cold, with one group a program: the ablation of the chunking
+  nopdl_ms              cold, every kernel launched plainly: the ablation of programmatic dependent launch
 
     python benchmarks/kernels/bench_group_norm.py [--json PATH]     # CUDA, full SD shapes
     python benchmarks/kernels/bench_group_norm.py --dry-run         # tiny shapes; on CPU via Triton's interpreter
 
-`run(dry_run) -> list[dict]` is the entry point for the GPU suite. On CUDA, `ms` is the median
-of CUDA-graph replays (kernel time alone) and `launch_ms` of plain calls (do_bench, host launch cost
-included). A dry run on CPU times one call, which only smoke-tests the script.
+`run(dry_run) -> list[dict]` is the entry point for the GPU suite. A dry run on CPU times one call, which only
+smoke-tests the script.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import harness
@@ -48,49 +59,69 @@ FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 GROUPS = 32
 
 
+def torch_gn_silu(x, w, b):
+    return F.silu(F.group_norm(x, GROUPS, w, b, 1e-5))
+
+
+def measure(group_norm, shape, layout: str, on_cuda: bool, copy: float | None) -> dict:
+    device = "cuda" if on_cuda else "cpu"
+    N, C, H, W = shape
+    x = torch.randn(N, C, H, W, device=device, dtype=torch.float16).contiguous(memory_format=FORMATS[layout])
+    w = torch.randn(C, device=device, dtype=torch.float16)
+    b = torch.randn(C, device=device, dtype=torch.float16)
+
+    def ours(x, **kw):
+        return group_norm(x, GROUPS, w, b, 1e-5, silu=True, **kw)
+
+    err = (ours(x).float() - torch_gn_silu(x, w, b).float()).abs().max().item()
+    xs = harness.cold_copies(x, on_cuda)
+    ms = harness.time_cold_ms(ours, xs, on_cuda)
+    warm_ms, launch_ms = harness.time_ms(lambda: ours(x), on_cuda)
+    torch_ms = harness.time_cold_ms(lambda x: torch_gn_silu(x, w, b), xs, on_cuda)
+    torch_warm_ms = harness.time_ms(lambda: torch_gn_silu(x, w, b), on_cuda)[0]
+    gpp1_ms = harness.time_cold_ms(lambda x: ours(x, groups_per_program=1), xs, on_cuda) if layout == "nhwc" else None
+    nopdl_ms = harness.time_cold_ms(lambda x: ours(x, pdl=False), xs, on_cuda)
+    plan = importlib.import_module("sdrt.kernels.group_norm").plan_for(x, GROUPS)  # the module, not the function
+    nbytes = 2 * x.numel() * x.element_size()
+    gbps = nbytes / ms * 1e-6
+    return {
+        "kernel": "group_norm_silu", "N": N, "C": C, "H": H, "W": W, "groups": GROUPS, "layout": layout,
+        "dtype": "fp16", "ms": ms, "gbps": gbps, "pct_copy": 100 * gbps / copy if copy else None,
+        "warm_ms": warm_ms, "warm_gbps": nbytes / warm_ms * 1e-6,
+        "torch_ms": torch_ms, "torch_gbps": nbytes / torch_ms * 1e-6, "torch_warm_ms": torch_warm_ms,
+        "speedup": torch_ms / ms, "launch_ms": launch_ms,
+        "gpp": plan.gpp, "split": plan.split, "finalize": plan.finalize, "gpp1_ms": gpp1_ms,
+        "nopdl_ms": nopdl_ms,
+        "max_abs_err": err, "copy_gbps": copy, "device": harness.device_name(on_cuda),
+    }
+
+
 def run(dry_run: bool) -> list[dict]:
     on_cuda = torch.cuda.is_available()
     if not on_cuda and not dry_run:
         raise RuntimeError("bench_group_norm needs CUDA (use dry_run=True to smoke-test on CPU)")
     group_norm = harness.import_kernels().group_norm
-    device = "cuda" if on_cuda else "cpu"
-    dtype = torch.float16
-
-    def torch_gn_silu(x, w, b):
-        return F.silu(F.group_norm(x, GROUPS, w, b, 1e-5))
-
-    rows = []
-    for N, C, H, W in DRY_RUN_SHAPES if dry_run else SHAPES:
-        for layout, memory_format in FORMATS.items():
-            x = torch.randn(N, C, H, W, device=device, dtype=dtype).contiguous(memory_format=memory_format)
-            w = torch.randn(C, device=device, dtype=dtype)
-            b = torch.randn(C, device=device, dtype=dtype)
-            ours = group_norm(x, GROUPS, w, b, 1e-5, silu=True)
-            err = (ours.float() - torch_gn_silu(x, w, b).float()).abs().max().item()
-            ms, launch_ms = harness.time_ms(lambda x=x, w=w, b=b: group_norm(x, GROUPS, w, b, 1e-5, silu=True), on_cuda)
-            torch_ms, torch_launch_ms = harness.time_ms(lambda x=x, w=w, b=b: torch_gn_silu(x, w, b), on_cuda)
-            nbytes = 2 * x.numel() * x.element_size()
-            rows.append({
-                "kernel": "group_norm_silu", "N": N, "C": C, "H": H, "W": W, "groups": GROUPS, "layout": layout,
-                "dtype": "fp16", "ms": ms, "torch_ms": torch_ms, "gbps": nbytes / ms * 1e-6,
-                "torch_gbps": nbytes / torch_ms * 1e-6, "speedup": torch_ms / ms,
-            "launch_ms": launch_ms, "torch_launch_ms": torch_launch_ms, "max_abs_err": err,
-                "device": harness.device_name(on_cuda),
-            })
-    return rows
+    copy = harness.copy_gbps(on_cuda)
+    return [measure(group_norm, shape, layout, on_cuda, copy)
+            for shape in (DRY_RUN_SHAPES if dry_run else SHAPES) for layout in FORMATS]
 
 
 def print_table(rows: list[dict]) -> None:
+    copy = rows[0]["copy_gbps"] if rows else None
     print(f"group_norm + silu fp16, 32 groups, on {rows[0]['device'] if rows else '?'}; "
-          "GB/s = 2 * numel * 2 bytes / time; torch = F.group_norm + F.silu")
-    header = f"{'N':>3}{'C':>6}{'HxW':>9}{'layout':>7}{'ms':>10}{'GB/s':>8}{'torch ms':>10}{'GB/s':>8}" \
-             f"{'speedup':>9}{'max err':>10}"
+          f"GB/s = 2 * numel * 2 bytes / time, cold L2; copy ceiling {copy or float('nan'):.0f} GB/s; "
+          "torch = F.group_norm + F.silu")
+    header = (f"{'N':>3}{'C':>6}{'HxW':>9}{'layout':>7}{'ms':>10}{'GB/s':>7}{'%copy':>7}{'warm ms':>9}"
+              f"{'torch ms':>10}{'speedup':>9}{'gpp1 ms':>9}{'no-PDL ms':>10}{'plan':>12}{'max err':>10}")
     print(header)
     print("-" * len(header))
     for r in rows:
+        pct = f"{r['pct_copy']:.0f}" if r["pct_copy"] is not None else "-"
+        gpp1 = f"{r['gpp1_ms']:.4f}" if r["gpp1_ms"] is not None else "-"
+        plan = f"{r['gpp']}x{r['split']}{'+f' if r['finalize'] else ''}"
         print(f"{r['N']:>3}{r['C']:>6}{str(r['H']) + 'x' + str(r['W']):>9}{r['layout']:>7}{r['ms']:>10.4f}"
-              f"{r['gbps']:>8.0f}{r['torch_ms']:>10.4f}{r['torch_gbps']:>8.0f}{r['speedup']:>8.2f}x"
-              f"{r['max_abs_err']:>10.1e}")
+              f"{r['gbps']:>7.0f}{pct:>7}{r['warm_ms']:>9.4f}{r['torch_ms']:>10.4f}{r['speedup']:>8.2f}x{gpp1:>9}"
+              f"{r['nopdl_ms']:>10.4f}{plan:>12}{r['max_abs_err']:>10.1e}")
 
 
 if __name__ == "__main__":

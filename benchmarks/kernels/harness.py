@@ -44,6 +44,42 @@ def time_ms(fn, on_cuda: bool) -> tuple[float, float]:
     return ms, ms
 
 
+def cold_copies(x: torch.Tensor, on_cuda: bool) -> list[torch.Tensor]:
+    """x and enough clones of it that cycling through them overflows L2 twice over, so each call reads from HBM.
+
+    A graph replaying one call over one 5 MB input measures L2, not memory: H100's L2 is 50 MB and H200's 60 MB.
+    Capped at 256 copies (2 x 2560 x 8^2 fp16 is 0.66 MB)."""
+    if not on_cuda:
+        return [x]
+    l2 = getattr(torch.cuda.get_device_properties(x.device), "L2_cache_size", 0) or 64 << 20
+    n = min(256, -(-2 * l2 // (x.numel() * x.element_size())))
+    return [x] + [x.clone() for _ in range(n - 1)]
+
+
+def time_cold_ms(fn, inputs: list, on_cuda: bool) -> float:
+    """GPU ms per call of fn(input) with inputs from cold_copies: one graph replays the calls over every copy in turn,
+    so the time is HBM-bound, as for data no kernel touched just before. On a CPU: one call's wall time."""
+    if not on_cuda:
+        return time_ms(lambda: fn(inputs[0]), on_cuda)[0]
+    import triton.testing
+
+    return triton.testing.do_bench_cudagraph(lambda: [fn(x) for x in inputs], rep=100, return_mode="median") / len(
+        inputs)
+
+
+def copy_gbps(on_cuda: bool, nbytes: int = 1 << 30) -> float | None:
+    """The memory ceiling measured now, on this device: a device-to-device copy of nbytes, counting bytes read plus
+    bytes written (what METHOD.md calls the copy bandwidth). None on a CPU."""
+    if not on_cuda:
+        return None
+    import triton.testing
+
+    src = torch.empty(nbytes // 2, dtype=torch.float16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+    return 2 * nbytes / ms * 1e-6
+
+
 def device_name(on_cuda: bool) -> str:
     return torch.cuda.get_device_name() if on_cuda else "cpu (triton interpreter)"
 

@@ -112,6 +112,16 @@ def test_group_norm_plan_at_sd_shapes(N, C, H, W):
         assert p.finalize == (p.gpp * p.split > 32)
 
 
+@cuda_only
+@pytest.mark.parametrize("memory_format", FORMATS)
+@pytest.mark.parametrize("N, C, H, W", [(2, 320, 64, 64), (1, 128, 256, 256), (2, 2560, 8, 8)])
+def test_group_norm_pdl_is_bitwise_serial(N, C, H, W, memory_format):
+    # Programmatically dependent launches (where the GPU has them) only move when kernels start, never what they
+    # compute: the same bits as plain launches, in every plan (finalize kernel or not).
+    x, w, b = _inputs(N, C, H, W, torch.float16, memory_format)
+    assert torch.equal(group_norm(x, 32, w, b, silu=True, pdl=True), group_norm(x, 32, w, b, silu=True, pdl=False))
+
+
 def test_group_norm_no_affine_and_other_groups():
     x, _, _ = _inputs(2, 64, 5, 6, torch.float32, torch.channels_last)
     _check(x, None, None, False, 1e-5, 1e-5)
