@@ -11,6 +11,8 @@ torch backend not written yet) is a skipped row with its reason. So is a row not
 and a TensorRT export + engine build (minutes on sd15; a subprocess) still running at 90% of it: the suite stays
 inside its slot. TensorRT comes last for that reason; its engines are cached ($SDRT_CACHE/onnx/.../tensorrt), so
 `sdrt export sd15 -o DIR --precision fp16 && sdrt build DIR` run once beforehand makes its row fit.
+Every row also gets a profile (`sdrt bench --profile`): one UNet step and one VAE decode under torch.profiler, GPU
+time by kind of kernel (attention, group norm, conv, GEMM, other), the map of where the rest of the time goes.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ def suite_config(dry_run: bool, budget_s: float):
     if dry_run:  # the same code path at sizes a CPU finishes in seconds (inductor's CPU compile alone takes ~45 s)
         rows = tuple(r for r in ROWS if not r.startswith("torch.compile"))
         return BenchConfig("tiny", rows, height=64, width=64, steps=2, runs=1, warmup=1, device="cpu",
-                           budget_s=budget_s)
-    return BenchConfig("sd15", ROWS, height=512, width=512, steps=50, batch=1, runs=3, warmup=1, budget_s=budget_s)
+                           budget_s=budget_s, profile=True)
+    return BenchConfig("sd15", ROWS, height=512, width=512, steps=50, batch=1, runs=3, warmup=1, budget_s=budget_s,
+                       profile=True)
 
 
 def run_kernel_benchmarks(dry_run: bool) -> list[dict]:

@@ -49,6 +49,7 @@ class BenchConfig:
     # engine build runs in a subprocess killed at 90% of it, so the rounds and the report fit in the rest.
     budget_s: float | None = None
     arch: str | None = None         # single-file checkpoints: the preset their weights follow (sdrt.models.load_model)
+    profile: bool = False           # per row, one UNet step and one VAE decode under torch.profiler (bench_profile)
 
 
 def add_arguments(p) -> None:
@@ -70,6 +71,9 @@ def add_arguments(p) -> None:
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     p.add_argument("--sequential", action="store_true", help="run rows one after another, freeing each (less "
                    "memory; ratios then depend on the machine staying equally busy)")
+    p.add_argument("--profile", action="store_true", help="also run one UNet step and one VAE decode per row under "
+                   "torch.profiler and report its time by kind of kernel (attention, group norm, conv, GEMM, other); "
+                   "on a CPU only the PyTorch rows, whose aten ops it can see")
     p.add_argument("--json", metavar="PATH", help="write the full report as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write the table as Markdown")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of per-stage latency by backend")
@@ -83,7 +87,7 @@ def config_from_args(args) -> BenchConfig:
         raise SdrtError("--runs and --warmup must be >= 1 (the first warm-up generation gives the drift)")
     return BenchConfig(args.model, backends, args.height, args.width, args.steps, args.batch, args.guidance,
                        args.runs, args.warmup, args.seed, args.prompt, args.device, args.sequential,
-                       arch=args.arch)
+                       arch=args.arch, profile=args.profile)
 
 
 def run(args) -> int:
@@ -106,7 +110,7 @@ def command_line(cfg: BenchConfig) -> str:
             parts += [f"--{flag}", str(value)]
     if cfg.prompt != DEFAULT_PROMPT:
         parts += ["--prompt", repr(cfg.prompt)]
-    return " ".join(parts + (["--sequential"] if cfg.sequential else []))
+    return " ".join(parts + [f"--{flag}" for flag in ("sequential", "profile") if getattr(cfg, flag)])
 
 
 def run_bench(cfg: BenchConfig, log=print) -> dict:
@@ -116,6 +120,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     from sdrt import bench_report
     from sdrt.backends import default_device
     from sdrt.bench_rows import (
+        ONNX_BACKENDS,
         Context,
         PeakMemory,
         is_reference,
@@ -197,6 +202,14 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         row.samples = {k: [] for k in ("text_encoder_ms", "unet_step_ms", "vae_decode_ms", "e2e_ms",
                                        "pipeline_unet_step_ms")}
         row.result, row.inputs = result, inputs.to(row.device)
+        # On a CPU the profiler sees aten ops only: an ONNX runtime's work would be invisible, so only torch rows.
+        if cfg.profile and (row.device.type == "cuda" or spec.kind not in ONNX_BACKENDS):
+            from sdrt.bench_profile import profile_stages
+
+            try:
+                result["profile"] = profile_stages(row.backend, row.inputs, row.device)
+            except Exception as e:  # the profiler is a diagnostic: never the reason a row has no numbers
+                log(f"[{name}] profile failed: {bench_report.one_line(e)}")
         result["group"] = group  # rows with the same group were measured in the same rounds
         if cfg.sequential:
             measure([row], request, cfg.runs, log, deadline)

@@ -189,6 +189,10 @@ def markdown(report: dict) -> str:
             groups.setdefault(r.get("group"), []).append(r["backend"])
     if len(groups) > 1:  # ratios across groups assume the machine stayed equally busy between them
         lines += ["", "Measured in separate rounds: " + "; ".join(", ".join(g) for g in groups.values()) + "."]
+    from sdrt.bench_profile import markdown as profile_markdown
+
+    if profile := profile_markdown(report["results"]):
+        lines += ["", profile]
     v = env["versions"]
     lines += ["", f"Device: {env['gpu'] or env['cpu']} ({env['cpu_count']} CPUs, torch threads "
                   f"{env['torch_threads']}, load average {env['load_avg'][0]}); "

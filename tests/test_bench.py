@@ -95,6 +95,42 @@ def test_diffusers_peer_in_fp16_starts_from_the_same_noise():
     assert report["results"][1]["psnr_vs_eager"] > 35
 
 
+def test_bench_profile_splits_each_stage_by_kind_of_kernel():
+    # eager on a CPU: aten ops' self times by kind add up to the call; the ONNX Runtime row's work is invisible to
+    # torch.profiler on a CPU, so it gets no profile rather than a misleading near-zero one.
+    report = bench.run_bench(bench.BenchConfig("tiny", ("eager", "onnxruntime"), steps=2, runs=1, profile=True),
+                             log=lambda m: None)
+    eager, ort = report["results"]
+    assert "profile" not in ort
+    for stage in ("UNet step", "VAE decode"):
+        p = eager["profile"][stage]
+        assert p["kinds"]["conv"] > 0 and p["total_ms"] > 0
+        assert sum(p["kinds"].values()) == pytest.approx(p["total_ms"])
+        assert [ms for _, ms in p["top"]] == sorted((ms for _, ms in p["top"]), reverse=True)
+    assert eager["profile"]["UNet step"]["kinds"]["attention"] > 0  # the tiny UNet has cross-attention
+    from sdrt import bench_report
+
+    assert "| eager | UNet step |" in bench_report.markdown(report)
+    assert report["command"].endswith("--profile")
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x128x64", "conv"),  # cuDNN
+    ("cutlass__5x_cudnn::Kernel<cutlass_tensorop_f16_s16816fprop_optimized_f16_128x128_32x4_nhwc>", "conv"),
+    ("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NNN", "gemm"),  # cuBLASLt on Hopper
+    ("ampere_fp16_s16816gemm_fp16_128x128_ldg8_f2f_stages_32x5_nn", "gemm"),
+    ("_attention_kernel", "attention"), ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits>", "attention"),
+    ("_group_norm_apply_kernel", "group_norm"), ("triton_red_fused_native_group_norm_1", "group_norm"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::Half>>", "other"),
+    ("aten::mkldnn_convolution", "conv"), ("aten::addmm", "gemm"), ("aten::mm", "gemm"),
+    ("aten::native_group_norm", "group_norm"), ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+])
+def test_profile_kinds_of_real_kernel_names(name, kind):
+    from sdrt.bench_profile import kind_of
+
+    assert kind_of(name) == kind
+
+
 def test_bad_arguments_are_one_line_errors():
     with pytest.raises(SdrtError, match="--runs"):
         bench.config_from_args(parse(["tiny", "--runs", "0"]))
@@ -107,7 +143,7 @@ def test_command_line_reproduces_the_config():
     argv = bench.command_line(cfg).split()[2:]
     assert argv[:3] == ["sd15", "--backends", "eager,openvino:fp32"]
     assert bench.config_from_args(parse(argv)) == cfg
-    cfg = bench.BenchConfig("base.safetensors", ("eager",), arch="sd21-base")  # a single file and its preset
+    cfg = bench.BenchConfig("base.safetensors", ("eager",), arch="sd21-base", profile=True)  # a file and its preset
     assert bench.config_from_args(parse(bench.command_line(cfg).split()[2:])) == cfg
 
 
@@ -137,6 +173,9 @@ def test_gpu_suite_dry_run(tmp_path, cache):
     assert isinstance(report["kernels"], list) and report["kernels"]
     md = (tmp_path / "gpu_suite.md").read_text()
     assert "## sdrt GPU suite (dry run" in md and "### Kernels" in md
+    assert "| torch:fp16 | UNet step |" in md  # every torch-run row is profiled
+    gn = [r for r in report["kernels"] if r["benchmark"] == "bench_group_norm"]
+    assert gn and all(r["ms"] > 0 and r["gpp"] >= 1 for r in gn)
     assert (tmp_path / "gpu_suite.png").is_file()
 
 
