@@ -25,9 +25,11 @@ log2(e) folded into the scale once: exp(scale * x) = exp2(scale * log2(e) * x).
 Shapes and masking
   * Layout is SDPA's: (B, heads, N, d), any strides. A view out of a fused QKV projection (non-contiguous) is read
     in place through its strides; nothing is copied.
-  * Head sizes: SD uses d = 40, 64, 80, 96, 128, 160. tl.dot wants power-of-two tiles, so the kernel works on
-    BLOCK_D = next_power_of_2(d) columns and masks the loads/stores on d (padding lanes read 0, so they add 0 to
-    q.k and are never stored). Nothing is padded in memory.
+  * Head sizes: SD uses d = 40, 64, 80, 96, 128, 160. tl.dot wants power-of-two tiles, so d is covered by column
+    tiles: one of BLOCK_D = next_power_of_2(d) columns, or, when d is not a power of two, two (head_dim_tiles):
+    the largest power of two <= d, then one of >= 16 columns for the rest, e.g. 80 = 64 + 16. Each dot of the
+    loop then runs as two: S = q0 k0 + q1 k1 and O = [P v0, P v1]. Columns past d are masked on load and store
+    (padding lanes read 0, so they add 0 to q.k and are never stored). Nothing is padded in memory.
   * Cross-attention has Nk = 77 or 154 text tokens: the last key block is masked and its scores set to -inf, so
     masked keys get probability 0. EVEN_N (Nk % BLOCK_N == 0) compiles that masking away for self-attention.
   * fp16/bf16 inputs use fp16/bf16 tensor-core dots with fp32 accumulation; P is cast to V's dtype for the second
@@ -47,12 +49,14 @@ import triton.language as tl
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
 
-# Configs tried by the autotuner on CUDA, keyed on (Nk, d) (Triton adds the dtypes to the key). BLOCK_M query rows
-# and the (BLOCK_M, BLOCK_D) fp32 accumulator live in registers for the whole program; K/V blocks of BLOCK_N rows are
-# streamed through shared memory in num_stages-deep pipelines. Checked with ptxas -v for sm_90, fp16, unit d-stride:
-# all compile to wgmma; none spills for d <= 128 except 128 x 64 with 4 warps (~250 B at d >= 80); at d = 160
-# (BLOCK_D = 256) the 128 x 64 configs exceed shared memory (the autotuner skips them) and the 8-warp 128 x 32 and
-# 64 x 32 are spill-free. 64 x 32 with 4 warps is the small fallback (cross-attention's Nk = 77, older GPUs).
+# Configs tried by the autotuner on CUDA, keyed on (Nk, d, the column split) (Triton adds the dtypes to the key).
+# BLOCK_M query rows and the (BLOCK_M, d-tiles) fp32 accumulator live in registers for the whole program; K/V blocks
+# of BLOCK_N rows are streamed through shared memory in num_stages-deep pipelines. Compiled for sm_90 (fp16, unit
+# d-stride; checked without a GPU through triton.compile and cuobjdump): all use wgmma. One padded tile: no spills
+# for d <= 128 but 128 x 64 with 4 warps (352 B of stack at d = 80); at d = 160 (BLOCK_D = 256) 128 x 64 needs
+# 256 KB of shared memory (skipped: H100 has 227 KB) and 128 x 32 w8 takes 227 registers. Two tiles (the default)
+# need 25-37% less shared memory and fewer registers (d = 160: 128 x 64 w8 fits in 160 KB; 128 x 32 w8 takes 168).
+# 64 x 32 with 4 warps is the small fallback (cross-attention's Nk = 77, older GPUs).
 _CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
@@ -67,6 +71,10 @@ _FP32_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_st
 # One fixed config when the tensors are on CPU (TRITON_INTERPRET=1): the interpreter runs every program in Python,
 # so autotuning would multiply test time by len(_CONFIGS) for no information.
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)
+# SD's head sizes 40, 80 and 160 padded to one power-of-two tile spend 37.5% of every dot on zeros; two tiles
+# (32 + 16, 64 + 16, 128 + 32) cut the tensor-core work by a quarter (40) to 37.5% (80, 160) for one more dot
+# pair per key block. Not yet measured on a GPU: the kernel benchmark times both (nosplit_ms).
+_SPLIT_HEAD_DIM = True
 
 
 @triton.jit
@@ -92,7 +100,8 @@ def _attention_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     H, N_Q, N_K,
     HEAD_D: tl.constexpr,  # d, e.g. 40
-    BLOCK_D: tl.constexpr,  # next power of two >= d, e.g. 64
+    BLOCK_D: tl.constexpr,  # the first column tile: next power of two >= d, or (split) the largest one <= d
+    BLOCK_D1: tl.constexpr,  # 0, or (split) the second column tile, from BLOCK_D: e.g. 40 = 32 + 16 (masked to 8)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     EVEN_N: tl.constexpr,  # N_K % BLOCK_N == 0: no key masking at all
@@ -110,7 +119,9 @@ def _attention_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    PAD_D: tl.constexpr = BLOCK_D != HEAD_D
+    SPLIT: tl.constexpr = BLOCK_D1 > 0
+    PAD_D: tl.constexpr = BLOCK_D > HEAD_D  # the first tile runs past d (never when split)
+    PAD_D1: tl.constexpr = BLOCK_D + BLOCK_D1 > HEAD_D  # the second tile does (split only)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query rows of this program
     offs_n = tl.arange(0, BLOCK_N)  # key rows within a block
@@ -123,11 +134,18 @@ def _attention_kernel(
     v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
 
     # Q tile (BLOCK_M, BLOCK_D): loaded once, stays in registers.
-    q_ptrs = q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    q = _load_tile(q_ptrs, offs_m, N_Q, offs_d, HEAD_D, True, PAD_D)
+    q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                   offs_m, N_Q, offs_d, HEAD_D, True, PAD_D)
     # K is read transposed, (BLOCK_D, BLOCK_N), so that S = q @ k needs no in-register transpose.
     k_ptrs = k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn
     v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd  # (BLOCK_N, BLOCK_D)
+    if SPLIT:  # the same three tiles for the columns past BLOCK_D: (BLOCK_M, BLOCK_D1), (BLOCK_D1, .), (., BLOCK_D1)
+        offs_d1 = BLOCK_D + tl.arange(0, BLOCK_D1)
+        q1 = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d1[None, :] * stride_qd,
+                        offs_m, N_Q, offs_d1, HEAD_D, True, PAD_D1)
+        k1_ptrs = k_base + offs_d1[:, None] * stride_kd + offs_n[None, :] * stride_kn
+        v1_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d1[None, :] * stride_vd
+        acc1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
 
     # Online-softmax state, fp32, per query row. m starts at -inf; the first block always holds >= 1 real key,
     # so m is finite after the first iteration and exp2(m - m_new) never sees inf - inf.
@@ -138,7 +156,11 @@ def _attention_kernel(
     for start_n in range(0, N_K, BLOCK_N):
         n = start_n + offs_n
         k = _load_tile(k_ptrs, offs_d, HEAD_D, n, N_K, PAD_D, not EVEN_N)  # (BLOCK_D, BLOCK_N)
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), fp32, log2 units
+        s = tl.dot(q, k, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N), fp32
+        if SPLIT:
+            k1 = _load_tile(k1_ptrs, offs_d1, HEAD_D, n, N_K, PAD_D1, not EVEN_N)
+            s = tl.dot(q1, k1, s, input_precision=DOT_PRECISION)
+        s = s * qk_scale  # log2 units
         if not EVEN_N:
             s = tl.where(n[None, :] < N_K, s, float("-inf"))  # keys past Nk get probability 0
 
@@ -150,25 +172,36 @@ def _attention_kernel(
         v = _load_tile(v_ptrs, n, N_K, offs_d, HEAD_D, not EVEN_N, PAD_D)  # (BLOCK_N, BLOCK_D)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        if SPLIT:
+            v1 = _load_tile(v1_ptrs, n, N_K, offs_d1, HEAD_D, not EVEN_N, PAD_D1)
+            acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
+            k1_ptrs += BLOCK_N * stride_kn
+            v1_ptrs += BLOCK_N * stride_vn
         m_i = m_new
 
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
 
-    acc = acc / l_i[:, None]
+    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    _store_tile(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, acc / l_i[:, None],
+                offs_m, N_Q, offs_d, HEAD_D, PAD_D)
+    if SPLIT:
+        _store_tile(o_base + offs_m[:, None] * stride_om + offs_d1[None, :] * stride_od, acc1 / l_i[:, None],
+                    offs_m, N_Q, offs_d1, HEAD_D, PAD_D1)
 
-    o_ptrs = (O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-              + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od)
-    o_mask = offs_m[:, None] < N_Q
-    if PAD_D:
-        o_mask = o_mask & (offs_d[None, :] < HEAD_D)
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=o_mask)
+
+@triton.jit
+def _store_tile(ptrs, values, rows, n_rows, cols, n_cols, MASK_COLS: tl.constexpr):
+    mask = rows[:, None] < n_rows
+    if MASK_COLS:
+        mask = mask & (cols[None, :] < n_cols)
+    tl.store(ptrs, values.to(ptrs.dtype.element_ty), mask=mask)
 
 
 _attention_heuristic = triton.heuristics({"EVEN_N": lambda args: args["N_K"] % args["BLOCK_N"] == 0})(
     _attention_kernel
 )
-_attention_autotuned = triton.autotune(configs=_CONFIGS, key=["N_K", "HEAD_D"])(_attention_heuristic)
+_attention_autotuned = triton.autotune(configs=_CONFIGS, key=["N_K", "HEAD_D", "BLOCK_D1"])(_attention_heuristic)
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -198,11 +231,26 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError("attention: k/v have no keys (Nk = 0)")
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+def head_dim_tiles(d: int, split: bool = True) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_D1): the column tiles that cover head size d. One power-of-two tile, padded (split=False or
+    when two tiles would not be smaller), else the largest power of two <= d plus a second tile of >= 16 (tl.dot's
+    minimum): 40 = 32 + 16 (8 masked), 80 = 64 + 16, 96 = 64 + 32, 160 = 128 + 32."""
+    full = max(16, triton.next_power_of_2(d))
+    first = 1 << (d.bit_length() - 1)
+    second = max(16, triton.next_power_of_2(d - first)) if first < d else 0
+    if split and second and first + second < full:
+        return first, second
+    return full, 0
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, *,
+              split_head_dim: bool = _SPLIT_HEAD_DIM) -> torch.Tensor:
     """softmax(q k^T * scale) v without materialising the (Nq, Nk) matrix.
 
     q: (B, heads, Nq, d); k, v: (B, heads, Nk, d); any strides; fp16, bf16 or fp32.
     scale defaults to 1 / sqrt(d). Returns a contiguous (B, heads, Nq, d) tensor of q's dtype.
+    split_head_dim (a tuning knob for benchmarks): cover a head size that is not a power of two with two column
+    tiles instead of one padded one (head_dim_tiles).
     """
     _check_inputs(q, k, v)
     B, H, n_q, d = q.shape
@@ -220,7 +268,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     common = {
         "HEAD_D": d,
         "ALIGN": align,
-        "BLOCK_D": max(16, triton.next_power_of_2(d)),  # tl.dot needs K >= 16
+        **dict(zip(("BLOCK_D", "BLOCK_D1"), head_dim_tiles(d, split_head_dim))),
         "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
     }
     args = (

@@ -11,11 +11,14 @@ Work counted: the two matmuls S = Q K^T and O = P V, each Nq * Nk * d multiply-a
 
 `run(dry_run) -> list[dict]` is the entry point for the GPU suite. On CUDA, `ms` is the median
 of CUDA-graph replays (kernel time alone) and `launch_ms` of plain calls (do_bench, host launch cost
-included). A dry run on CPU times one call, which only smoke-tests the script.
+included). `d_tiles` are the column tiles covering d (head_dim_tiles) and `nosplit_ms`, where there are two,
+the graph time with one padded power-of-two tile instead: the ablation of the split. A dry run on CPU times one
+call, which only smoke-tests the script.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import harness
@@ -61,6 +64,7 @@ def run(dry_run: bool) -> list[dict]:
     if not on_cuda and not dry_run:
         raise RuntimeError("bench_attention needs CUDA (use dry_run=True to smoke-test on CPU)")
     attention = harness.import_kernels().attention
+    head_dim_tiles = importlib.import_module("sdrt.kernels.attention").head_dim_tiles  # the module's, by name
     sdpa, torch_backend = _sdpa(on_cuda)
     device = "cuda" if on_cuda else "cpu"
     dtype = torch.float16
@@ -72,11 +76,15 @@ def run(dry_run: bool) -> list[dict]:
         err = (attention(q, k, v).float() - sdpa(q, k, v).float()).abs().max().item()
         ms, launch_ms = harness.time_ms(lambda q=q, k=k, v=v: attention(q, k, v), on_cuda)
         torch_ms, torch_launch_ms = harness.time_ms(lambda q=q, k=k, v=v: sdpa(q, k, v), on_cuda)
+        nosplit_ms = None  # the ablation of the two column tiles, where d has them
+        if head_dim_tiles(d)[1]:
+            nosplit_ms = harness.time_ms(lambda q=q, k=k, v=v: attention(q, k, v, split_head_dim=False), on_cuda)[0]
         flops = 4 * B * H * n_q * n_k * d
         rows.append({
             "kernel": "attention", "shape": name, "B": B, "heads": H, "Nq": n_q, "Nk": n_k, "d": d, "dtype": "fp16",
             "ms": ms, "torch_ms": torch_ms, "tflops": flops / ms * 1e-9, "torch_tflops": flops / torch_ms * 1e-9,
-            "speedup": torch_ms / ms,
+            "speedup": torch_ms / ms, "d_tiles": "+".join(str(t) for t in head_dim_tiles(d) if t),
+            "nosplit_ms": nosplit_ms,
             "launch_ms": launch_ms, "torch_launch_ms": torch_launch_ms, "max_abs_err": err,
             "torch_backend": torch_backend,
             "device": harness.device_name(on_cuda),
@@ -88,12 +96,13 @@ def print_table(rows: list[dict]) -> None:
     print(f"attention fp16 on {rows[0]['device'] if rows else '?'}; TFLOP/s = 4*B*H*Nq*Nk*d / time; torch = SDPA "
           f"({rows[0]['torch_backend'] if rows else '?'})")
     header = f"{'shape':<22}{'B':>3}{'H':>4}{'Nq':>7}{'Nk':>7}{'d':>5}{'ms':>10}{'TFLOP/s':>9}{'torch ms':>10}" \
-             f"{'TFLOP/s':>9}{'speedup':>9}{'max err':>10}"
+             f"{'TFLOP/s':>9}{'speedup':>9}{'tiles':>8}{'1-tile ms':>10}{'max err':>10}"
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{r['shape']:<22}{r['B']:>3}{r['heads']:>4}{r['Nq']:>7}{r['Nk']:>7}{r['d']:>5}{r['ms']:>10.4f}"
               f"{r['tflops']:>9.1f}{r['torch_ms']:>10.4f}{r['torch_tflops']:>9.1f}{r['speedup']:>8.2f}x"
+              f"{r['d_tiles']:>8}{'-' if r['nosplit_ms'] is None else format(r['nosplit_ms'], '.4f'):>10}"
               f"{r['max_abs_err']:>10.1e}")
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from sdrt.kernels import attention, attention_ref
+from sdrt.kernels.attention import head_dim_tiles
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -71,6 +72,26 @@ def test_attention_matches_ref(B, H, n_q, n_k, d, dtype, atol, rtol):
 @pytest.mark.parametrize("B, H, n_q, n_k, d", GPU_SHAPES)
 def test_attention_sd_shapes(B, H, n_q, n_k, d, dtype, atol, rtol):
     _check(*_qkv(B, H, n_q, n_k, d, dtype), atol, rtol)
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["two-tiles", "one-padded-tile"])
+@pytest.mark.parametrize("d", [40, 72, 80, 96, 160])
+def test_attention_head_dim_tiles_both_ways(d, split):
+    # Both ways of covering a head size that is not a power of two compute the same function (72: the second tile
+    # is 16 wide and exact; 40: it is 16 wide and half masked).
+    q, k, v = _qkv(1, 2, 33, 77, d, torch.float16)
+    out = attention(q, k, v, split_head_dim=split)
+    torch.testing.assert_close(out, attention_ref(q, k, v), atol=2e-3, rtol=2e-3)
+
+
+def test_head_dim_tiles():
+    assert [head_dim_tiles(d) for d in (40, 80, 96, 160)] == [(32, 16), (64, 16), (64, 32), (128, 32)]
+    assert [head_dim_tiles(d) for d in (8, 24, 64, 128, 200)] == [(16, 0), (32, 0), (64, 0), (128, 0), (256, 0)]
+    assert head_dim_tiles(80, split=False) == (128, 0)
+    for d in range(1, 257):  # the tiles always cover d, with tl.dot's 16-wide minimum, and never cost more
+        first, second = head_dim_tiles(d)
+        assert first + second >= d and first >= 16 and second in (0, *(16 << i for i in range(4)))
+        assert first + second <= max(16, 1 << (d - 1).bit_length())
 
 
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
