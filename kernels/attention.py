@@ -254,18 +254,32 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     """
     _check_inputs(q, k, v)
     B, H, n_q, d = q.shape
-    n_k = k.shape[2]
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     out = torch.empty((B, H, n_q, d), dtype=q.dtype, device=q.device)
     if n_q == 0 or B * H == 0:
         return out
+    args, constexprs = launch_args(q, k, v, out, scale, split_head_dim)
+    if q.is_cuda and q.dtype != torch.float32:
+        grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)
+        _attention_autotuned[grid](*args, **constexprs)
+    else:
+        cfg = _INTERPRETER_CONFIG if not q.is_cuda else _FP32_CONFIG
+        grid = (triton.cdiv(n_q, cfg.kwargs["BLOCK_M"]), B * H)
+        _attention_heuristic[grid](*args, **constexprs, **cfg.kwargs, num_warps=cfg.num_warps,
+                                   num_stages=cfg.num_stages)
+    return out
 
+
+def launch_args(q, k, v, out, scale: float | None = None, split_head_dim: bool = _SPLIT_HEAD_DIM):
+    """(args, constexprs) of the kernel for q, k, v -> out, before the config's BLOCK_M / BLOCK_N; tools compile it
+    without a GPU (benchmarks/kernels/sm90_report.py)."""
+    d = q.shape[3]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     # (B, heads, N) strides of all four tensors, passed divided by their largest common power of two (<= 16)
     outer = [t.stride()[i] for t in (q, k, v, out) for i in range(3)]
     align = 16
     while align > 1 and any(st % align for st in outer):
         align //= 2
-    common = {
+    constexprs = {
         "HEAD_D": d,
         "ALIGN": align,
         **dict(zip(("BLOCK_D", "BLOCK_D1"), head_dim_tiles(d, split_head_dim))),
@@ -274,16 +288,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     args = (
         q, k, v, out, scale * math.log2(math.e),
         *(st // align if i < 3 else st for t in (q, k, v, out) for i, st in enumerate(t.stride())),
-        H, n_q, n_k,
+        q.shape[1], q.shape[2], k.shape[2],
     )
-    if q.is_cuda and q.dtype != torch.float32:
-        grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)
-        _attention_autotuned[grid](*args, **common)
-    else:
-        cfg = _INTERPRETER_CONFIG if not q.is_cuda else _FP32_CONFIG
-        grid = (triton.cdiv(n_q, cfg.kwargs["BLOCK_M"]), B * H)
-        _attention_heuristic[grid](*args, **common, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return out
+    return args, constexprs
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:

@@ -353,44 +353,53 @@ def group_norm(
     Returns a tensor of x's dtype and memory format.
     """
     _check_inputs(x, num_groups, weight, bias, groups_per_program)
+    if pdl and not _pdl_supported(x.device):
+        raise ValueError("group_norm: pdl=True needs a CUDA GPU of compute capability >= 9.0 and Triton >= 3.4")
     if _spatial_stride(x) is None:  # neither NCHW nor NHWC (e.g. a strided slice): work on a contiguous copy
         x = x.contiguous()
     y = torch.empty_like(x)  # keeps x's strides, hence its memory format
-    N, C, H, W = x.shape
-    HW = H * W
     if x.numel() == 0:
         return y
-    p = plan_for(x, num_groups, groups_per_program)
+    pdl = _pdl_supported(x.device) if pdl is None else pdl
+    plan = plan_for(x, num_groups, groups_per_program)
+    for kernel, grid, args, kwargs in launches(x, y, num_groups, weight, bias, eps, silu, plan, pdl):
+        kernel[grid](*args, **kwargs)
+    return y
+
+
+def launches(x, y, num_groups, weight, bias, eps, silu, p: _Plan, pdl: bool = False) -> list[tuple]:
+    """The (kernel, grid, args, kwargs) launches of group_norm for x -> y under plan p, in order; tools compile them
+    without a GPU (benchmarks/kernels/sm90_report.py). x: (N, C, H, W) with a flattenable H*W axis, y like x."""
+    N, C, H, W = x.shape
+    HW = H * W
     cpg = C // num_groups
     n_groups = N * num_groups
     inv_count = 1.0 / (cpg * HW)
     block_split = triton.next_power_of_2(p.split)
-
     partial = torch.empty((n_groups, p.split, 2), dtype=torch.float32, device=x.device)
     stats = torch.empty((n_groups, 2), dtype=torch.float32, device=x.device) if p.finalize else partial
+
     grid = (N * p.n_chunks, p.split)
     x_strides = (x.stride(0), x.stride(1), _spatial_stride(x))
     y_strides = (y.stride(0), y.stride(1), _spatial_stride(y))
     sizes = (C, HW, cpg, p.n_chunks, p.hw_per_program, p.split)
     blocks = {"CHUNK_C": p.gpp * cpg, "BLOCK_HW": p.block_hw, "BLOCK_C": p.block_c,
               "BLOCK_G": triton.next_power_of_2(p.gpp), "num_warps": _NUM_WARPS}
-    pdl = _pdl_supported(x.device) if pdl is None else bool(pdl)
-    dependent = {"PDL": pdl, "launch_pdl": True} if pdl else {"PDL": False}  # the interpreter drops launch_pdl
-    _group_norm_stats_kernel[grid](x, partial, *x_strides, *sizes, **blocks, PDL=pdl)
+    dependent = {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
+    out = [(_group_norm_stats_kernel, grid, (x, partial, *x_strides, *sizes), {**blocks, "PDL": pdl})]
     if p.finalize:
         block_r = max(1, _TILE // block_split)
-        _group_norm_finalize_kernel[(triton.cdiv(n_groups, block_r),)](
-            partial, stats, n_groups, p.split, inv_count, float(eps), BLOCK_R=block_r, BLOCK_SPLIT=block_split,
-            num_warps=_NUM_WARPS, **dependent)
-    _group_norm_apply_kernel[grid](
+        out.append((_group_norm_finalize_kernel, (triton.cdiv(n_groups, block_r),),
+                    (partial, stats, n_groups, p.split, inv_count, float(eps)),
+                    {"BLOCK_R": block_r, "BLOCK_SPLIT": block_split, "num_warps": _NUM_WARPS, **dependent}))
+    out.append((_group_norm_apply_kernel, grid, (
         x, y,
         weight if weight is not None else x,  # dummy pointer, never read when HAS_WEIGHT is False
         bias if bias is not None else x,
         partial, stats, *x_strides, *y_strides, *sizes, inv_count, float(eps),
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=bool(silu), FINALIZED=p.finalize,
-        BLOCK_SPLIT=block_split, **blocks, **dependent,
-    )
-    return y
+    ), {"HAS_WEIGHT": weight is not None, "HAS_BIAS": bias is not None, "SILU": bool(silu), "FINALIZED": p.finalize,
+        "BLOCK_SPLIT": block_split, **blocks, **dependent}))
+    return out
 
 
 def group_norm_ref(

@@ -164,3 +164,6 @@ def test_group_norm_errors(shape, num_groups, weight_shape, match):
         group_norm(torch.zeros(1, 32, 2, 2, dtype=torch.float64), 32, None, None)
     with pytest.raises(ValueError, match="groups_per_program"):
         group_norm(torch.zeros(1, 32, 2, 2), 32, None, None, groups_per_program=33)
+    if not CUDA:
+        with pytest.raises(ValueError, match="pdl"):
+            group_norm(torch.zeros(1, 32, 2, 2), 32, None, None, pdl=True)
