@@ -7,7 +7,7 @@ TORCH  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo to
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench gpu-install gpu-test gpu-suite gpu-suite-dry lint clean
+.PHONY: install test demo bench gpu-install gpu-test gpu-suite gpu-suite-dry sm90-report lint clean
 
 install: $(STAMP)
 
@@ -63,6 +63,11 @@ gpu-suite:
 # The same suite at tiny sizes on the CPU (Triton through its interpreter): proves it runs before a GPU is there.
 gpu-suite-dry: $(STAMP)
 	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 $(BIN)/python benchmarks/gpu_suite.py --dry-run --out out/gpu-suite-dry
+
+# The kernels compiled for sm_90 (H100/H200) on this machine, GPU or not: registers, spills, shared memory, load and
+# store widths of every launch at SD shapes. TRITON_INTERPRET must be unset: interpreted kernels do not compile.
+sm90-report: $(STAMP)
+	cd benchmarks/kernels && env -u TRITON_INTERPRET TRITON_DEFAULT_FP_FUSION=1 ../../$(BIN)/python sm90_report.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache out
