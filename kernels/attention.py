@@ -91,6 +91,14 @@ def _load_tile(ptrs, rows, n_rows, cols, n_cols, MASK_ROWS: tl.constexpr, MASK_C
 
 
 @triton.jit
+def _store_tile(ptrs, values, rows, n_rows, cols, n_cols, MASK_COLS: tl.constexpr):
+    mask = rows[:, None] < n_rows
+    if MASK_COLS:
+        mask = mask & (cols[None, :] < n_cols)
+    tl.store(ptrs, values.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _attention_kernel(
     Q, K, V, O,
     qk_scale,  # scale * log2(e), so that exp(scale * s) = exp2(qk_scale * s)
@@ -170,11 +178,11 @@ def _attention_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
 
         v = _load_tile(v_ptrs, n, N_K, offs_d, HEAD_D, not EVEN_N, PAD_D)  # (BLOCK_N, BLOCK_D)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        p = p.to(v.dtype)
+        acc = tl.dot(p, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         if SPLIT:
             v1 = _load_tile(v1_ptrs, n, N_K, offs_d1, HEAD_D, not EVEN_N, PAD_D1)
-            acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
+            acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
             k1_ptrs += BLOCK_N * stride_kn
             v1_ptrs += BLOCK_N * stride_vn
         m_i = m_new
@@ -188,14 +196,6 @@ def _attention_kernel(
     if SPLIT:
         _store_tile(o_base + offs_m[:, None] * stride_om + offs_d1[None, :] * stride_od, acc1 / l_i[:, None],
                     offs_m, N_Q, offs_d1, HEAD_D, PAD_D1)
-
-
-@triton.jit
-def _store_tile(ptrs, values, rows, n_rows, cols, n_cols, MASK_COLS: tl.constexpr):
-    mask = rows[:, None] < n_rows
-    if MASK_COLS:
-        mask = mask & (cols[None, :] < n_cols)
-    tl.store(ptrs, values.to(ptrs.dtype.element_ty), mask=mask)
 
 
 _attention_heuristic = triton.heuristics({"EVEN_N": lambda args: args["N_K"] % args["BLOCK_N"] == 0})(
