@@ -11,9 +11,9 @@ Work counted: the two matmuls S = Q K^T and O = P V, each Nq * Nk * d multiply-a
 
 `run(dry_run) -> list[dict]` is the entry point for the GPU suite. On CUDA, `ms` is the median
 of CUDA-graph replays (kernel time alone) and `launch_ms` of plain calls (do_bench, host launch cost
-included). `d_tiles` are the column tiles covering d (head_dim_tiles) and `nosplit_ms`, where there are two,
-the graph time with one padded power-of-two tile instead: the ablation of the split. A dry run on CPU times one
-call, which only smoke-tests the script.
+included). `d_tiles` are the column tiles covering d (head_dim_tiles) and `nosplit_ms`, where there are two and
+the row is self-attention, the graph time with one padded power-of-two tile instead: the ablation of the split. A
+dry run on CPU times one call, which only smoke-tests the script.
 """
 
 from __future__ import annotations
@@ -76,8 +76,8 @@ def run(dry_run: bool) -> list[dict]:
         err = (attention(q, k, v).float() - sdpa(q, k, v).float()).abs().max().item()
         ms, launch_ms = harness.time_ms(lambda q=q, k=k, v=v: attention(q, k, v), on_cuda)
         torch_ms, torch_launch_ms = harness.time_ms(lambda q=q, k=k, v=v: sdpa(q, k, v), on_cuda)
-        nosplit_ms = None  # the ablation of the two column tiles, where d has them
-        if head_dim_tiles(d)[1]:
+        nosplit_ms = None  # the ablation of the two column tiles, where d has them (self-attention: autotunes again)
+        if head_dim_tiles(d)[1] and n_k == n_q:
             nosplit_ms = harness.time_ms(lambda q=q, k=k, v=v: attention(q, k, v, split_head_dim=False), on_cuda)[0]
         flops = 4 * B * H * n_q * n_k * d
         rows.append({
