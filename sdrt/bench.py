@@ -120,7 +120,6 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     from sdrt import bench_report
     from sdrt.backends import default_device
     from sdrt.bench_rows import (
-        ONNX_BACKENDS,
         Context,
         PeakMemory,
         is_reference,
@@ -162,13 +161,16 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     ctx.info, ctx.tokenizers, ctx.request = info, list(components.tokenizers), request
 
     results, live, reference, flops, group = [], [], None, None, 0
+    # A profile runs after its rows' timed rounds. On CUDA, Kineto leaves CUPTI attached when a profile ends, which
+    # slows everything after it (pytorch#144455): only the last rows measured are profiled there.
+    early_profile = cfg.profile and device.type != "cuda"
     for name in names:
         result = {"backend": name, "skipped": None}
         results.append(result)
         biggest = max((row.result["peak_rss_mb"] or 0 for row in live), default=0)
         if live and available_mb() < 1.25 * biggest:  # the next setup might not fit beside the live rows
             log(f"memory: {available_mb():.0f} MB left, measuring {len(live)} rows before the next is set up")
-            measure(live, request, cfg.runs, log, deadline)
+            measure(live, request, cfg.runs, log, deadline, profile=early_profile)
             row = first = None  # the measured rows are freed before the next setup
             group += 1
         if cfg.budget_s is not None and time.perf_counter() - started > 0.75 * cfg.budget_s:
@@ -202,22 +204,14 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         row.samples = {k: [] for k in ("text_encoder_ms", "unet_step_ms", "vae_decode_ms", "e2e_ms",
                                        "pipeline_unet_step_ms")}
         row.result, row.inputs = result, inputs.to(row.device)
-        # On a CPU the profiler sees aten ops only: an ONNX runtime's work would be invisible, so only torch rows.
-        if cfg.profile and (row.device.type == "cuda" or spec.kind not in ONNX_BACKENDS):
-            from sdrt.bench_profile import profile_stages
-
-            try:
-                result["profile"] = profile_stages(row.backend, row.inputs, row.device)
-            except Exception as e:  # the profiler is a diagnostic: never the reason a row has no numbers
-                log(f"[{name}] profile failed: {bench_report.one_line(e)}")
         result["group"] = group  # rows with the same group were measured in the same rounds
         if cfg.sequential:
-            measure([row], request, cfg.runs, log, deadline)
+            measure([row], request, cfg.runs, log, deadline, profile=early_profile)
             row = first = None  # nothing keeps the runtime: the next row's memory baseline starts clean
             group += 1
         else:
             live.append(row)
-    measure(live, request, cfg.runs, log, deadline)
+    measure(live, request, cfg.runs, log, deadline, profile=cfg.profile)
     bench_report.add_speedups(results, flops)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -229,11 +223,12 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             "wall_s": round(time.perf_counter() - started, 1), "results": results}
 
 
-def measure(rows: list, request, runs: int, log, deadline: float | None = None) -> None:
+def measure(rows: list, request, runs: int, log, deadline: float | None = None, profile: bool = False) -> None:
     """`runs` rounds over `rows`: per row one sample of each stage and one end-to-end generation; then summarize
-    into each row's result and release the row. Past `deadline` (the time budget) no new round starts once every
-    row has one: a report with fewer rounds beats a suite killed before it writes anything."""
-    from sdrt.bench_rows import release_memory, time_stages
+    into each row's result, profile it if asked (sdrt.bench_profile), and release the row. Past `deadline` (the
+    time budget) no new round starts once every row has one: a report with fewer rounds beats a suite killed before
+    it writes anything."""
+    from sdrt.bench_rows import ONNX_BACKENDS, release_memory, time_stages
 
     for r in range(runs):
         if r and deadline is not None and time.perf_counter() > deadline:
@@ -253,6 +248,14 @@ def measure(rows: list, request, runs: int, log, deadline: float | None = None) 
     for row in rows:
         row.result.update(bench_report.summarize(row.samples, request))
         row.result["rounds"] = len(row.samples["e2e_ms"])
+        # On a CPU the profiler sees aten ops only: an ONNX runtime's work would be invisible, so only torch rows.
+        if profile and (row.device.type == "cuda" or row.spec.kind not in ONNX_BACKENDS):
+            from sdrt.bench_profile import profile_stages
+
+            try:
+                row.result["profile"] = profile_stages(row.backend, row.inputs, row.device)
+            except Exception as e:  # the profiler is a diagnostic: never the reason a row has no numbers
+                log(f"[{row.spec.name}] profile failed: {bench_report.one_line(e)}")
     rows.clear()  # the rows' runtimes go with the last references to them
     release_memory()
 

@@ -114,6 +114,15 @@ def test_bench_profile_splits_each_stage_by_kind_of_kernel():
     assert report["command"].endswith("--profile")
 
 
+def test_bench_profile_comes_after_the_timed_rounds():
+    # Sequential rows on a CPU: each is profiled after its own rounds (on CUDA only the last rows are, since Kineto
+    # leaves CUPTI attached), and profiling changes none of the timed samples' count.
+    report = bench.run_bench(bench.BenchConfig("tiny", ("diffusers",), steps=2, runs=1, sequential=True,
+                                               profile=True), log=lambda m: None)
+    for row in report["results"]:
+        assert row["profile"]["UNet step"]["total_ms"] > 0 and row["rounds"] == 1
+
+
 @pytest.mark.parametrize("name, kind", [
     ("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x128x64", "conv"),  # cuDNN
     ("cutlass__5x_cudnn::Kernel<cutlass_tensorop_f16_s16816fprop_optimized_f16_128x128_32x4_nhwc>", "conv"),
