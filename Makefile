@@ -7,7 +7,7 @@ TORCH  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo to
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench gpu-install gpu-test gpu-suite gpu-suite-dry sm90-report lint clean
+.PHONY: install test demo bench gpu-wheels gpu-install gpu-test gpu-suite gpu-suite-dry sm90-report lint clean
 
 install: $(STAMP)
 
@@ -43,16 +43,25 @@ bench: $(STAMP)
 
 # The GPU targets run where torch and triton are preinstalled system-wide: no venv (it would pull a CPU torch).
 # diffusers (and anything else missing) may travel as wheels in .whl/; sdrt installs from this tree.
+# `make gpu-wheels` here fills .whl/ with what the device machine lacks (it has torch, triton, transformers, onnx,
+# onnxruntime): diffusers at this venv's version, and pytest-xdist for gpu-test's workers. Then carry .whl.
+gpu-wheels: $(STAMP)
+	rm -rf .whl && mkdir -p .whl
+	$(BIN)/python -m pip download -q --no-deps -d .whl pytest-xdist execnet \
+		"diffusers==$$($(BIN)/python -c 'import diffusers; print(diffusers.__version__)')"
+	ls .whl
+
 gpu-install:
 	if [ -d .whl ]; then PIP_BREAK_SYSTEM_PACKAGES=1 $(PYTHON) -m pip install -q --no-deps --no-index .whl/*.whl; fi
 	PIP_BREAK_SYSTEM_PACKAGES=1 $(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
 
 # The tests CI skips: kernels compiled at full SD shapes, bf16, the captured loop. 2-4 min on an H100 with 8
-# pytest-xdist workers (Triton compiles dominate); GPU_PYTEST_ARGS= runs them serially.
-GPU_PYTEST_ARGS ?= -n 8
+# pytest-xdist workers (Triton compiles dominate); without pytest-xdist they run serially. GPU_PYTEST_ARGS overrides.
+GPU_PYTEST_ARGS ?= auto
 gpu-test: gpu-install
+	args="$(GPU_PYTEST_ARGS)"; if [ "$$args" = auto ]; then args=""; $(PYTHON) -c "import xdist" 2>/dev/null && args="-n 8"; fi; \
 	HF_HUB_OFFLINE=1 TRITON_INTERPRET=0 $(PYTHON) -m pytest tests/kernels tests/test_torch_backend.py \
-		-p no:cacheprovider $(GPU_PYTEST_ARGS)
+		-p no:cacheprovider $$args
 
 # sd15 512x512 50 steps, every GPU row and the kernel benchmarks, in its 480 s budget (~7 min on an H100).
 gpu-suite:
