@@ -213,9 +213,12 @@ def _bench_graphed(kernel_call, quantiles):
     return do_bench_cudagraph(kernel_call, rep=20, quantiles=quantiles)
 
 
-# Triton < 3.1 has no do_bench hook: it keeps its default timer there.
-_TIMER = {"do_bench": _bench_graphed} if "do_bench" in inspect.signature(triton.autotune).parameters else {}
-_attention_autotuned = triton.autotune(configs=_CONFIGS, key=["N_K", "HEAD_D", "BLOCK_D1"], **_TIMER)(
+# cache_results: the chosen configs persist in Triton's cache directory beside its compiled kernels, so a restarted
+# service neither recompiles nor re-times them. Options this Triton lacks (do_bench < 3.1, cache_results < 3.3) are
+# left out: it then times plain launches, or tunes again in every process.
+_AUTOTUNE_OPTIONS = {name: value for name, value in (("do_bench", _bench_graphed), ("cache_results", True))
+                     if name in inspect.signature(triton.autotune).parameters}
+_attention_autotuned = triton.autotune(configs=_CONFIGS, key=["N_K", "HEAD_D", "BLOCK_D1"], **_AUTOTUNE_OPTIONS)(
     _attention_heuristic)
 
 
