@@ -1,6 +1,6 @@
 """Triton kernels for SD's hot ops. Each module holds the kernel, its launcher and a PyTorch reference (`*_ref`)."""
 
 from .attention import attention, attention_ref
-from .group_norm import group_norm, group_norm_ref
+from .group_norm import GroupNormTuning, group_norm, group_norm_ref
 
-__all__ = ["attention", "attention_ref", "group_norm", "group_norm_ref"]
+__all__ = ["GroupNormTuning", "attention", "attention_ref", "group_norm", "group_norm_ref"]

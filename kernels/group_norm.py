@@ -63,9 +63,13 @@ import triton
 import triton.language as tl
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Elements of x per loop iteration of a program: (BLOCK_HW, BLOCK_C) with BLOCK_HW * BLOCK_C = _TILE.
-# 2048 values over 4 warps is 16 per thread: enough loads in flight, two fp32 accumulators fit in registers.
-_TILE = 2048
+# Elements of x a program loads per loop iteration (the default of GroupNormTuning.tile): (BLOCK_HW, BLOCK_C) with
+# BLOCK_HW * BLOCK_C = tile. The grid holds ~_PROGRAMS_PER_SM programs per SM, so the tile sets the bytes in flight:
+# 4096 fp16 values over 4 warps is 32 a thread, four 16-byte loads issued before the first is used, 32 KB per SM,
+# 4.2 MB over 132 SMs. Little's law at HBM's ~0.8 us latency wants ~2.7 MB in flight for an H100's 3.35 TB/s and
+# ~3.8 MB for an H200's 4.8 TB/s; the 2048 the H100 measured (its HBM-bound 1x128x512^2 moved ~2 TB/s of real
+# traffic) had half. Compiled for sm_90: <= 118 registers, no spills (sm90_compile.md).
+_TILE = 4096
 _NUM_WARPS = 4
 # Programs wanted per SM on CUDA; on CPU (Triton's interpreter) a fixed small target so tests still split groups.
 _PROGRAMS_PER_SM = 4
@@ -277,6 +281,15 @@ def _groups_per_program(num_groups: int, cpg: int, element_size: int, channels_c
 
 
 @dataclass(frozen=True)
+class GroupNormTuning:
+    """How group_norm cuts its work. The defaults are what it runs; benchmarks ablate one field at a time."""
+
+    groups_per_program: int | None = None  # adjacent groups a program takes; None: _groups_per_program (1 in NCHW)
+    tile: int = _TILE  # elements of x a program loads per loop iteration, a power of two
+    pdl: bool | None = None  # programmatic dependent launch of the 2nd and 3rd kernels; None: where supported
+
+
+@dataclass(frozen=True)
 class _Plan:
     """How one call is cut into programs: grid (N * n_chunks, split) for the stats and apply kernels."""
 
@@ -290,12 +303,12 @@ class _Plan:
 
 
 def _plan(N: int, C: int, HW: int, num_groups: int, element_size: int, channels_contiguous: bool,
-          target_programs: int, groups_per_program: int | None = None) -> _Plan:
+          target_programs: int, groups_per_program: int | None = None, tile: int = _TILE) -> _Plan:
     cpg = C // num_groups
     gpp = groups_per_program or _groups_per_program(num_groups, cpg, element_size, channels_contiguous)
     n_chunks = triton.cdiv(num_groups, gpp)
     block_c = triton.next_power_of_2(gpp * cpg)
-    block_hw = min(max(1, _TILE // block_c), triton.next_power_of_2(HW))
+    block_hw = min(max(1, tile // block_c), triton.next_power_of_2(HW))
     n_tiles = triton.cdiv(HW, block_hw)
     split = max(1, min(n_tiles, triton.cdiv(target_programs, N * n_chunks)))
     hw_per_program = triton.cdiv(n_tiles, split) * block_hw
@@ -307,14 +320,14 @@ def _plan(N: int, C: int, HW: int, num_groups: int, element_size: int, channels_
     return _Plan(gpp, n_chunks, block_c, block_hw, split, hw_per_program, finalize)
 
 
-def plan_for(x: torch.Tensor, num_groups: int, groups_per_program: int | None = None) -> _Plan:
+def plan_for(x: torch.Tensor, num_groups: int, tuning: GroupNormTuning = GroupNormTuning()) -> _Plan:
     """The launch plan group_norm uses for x on its device (benchmarks report it beside the times)."""
     N, C, H, W = x.shape
     return _plan(N, C, H * W, num_groups, x.element_size(), x.stride(1) == 1 and C > 1,
-                 _num_programs_target(x.device), groups_per_program)
+                 _num_programs_target(x.device), tuning.groups_per_program, tuning.tile)
 
 
-def _check_inputs(x, num_groups, weight, bias, groups_per_program) -> None:
+def _check_inputs(x, num_groups, weight, bias, tuning: GroupNormTuning) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"group_norm: x must be a rank-4 tensor (N, C, H, W), got {shape}")
@@ -330,8 +343,13 @@ def _check_inputs(x, num_groups, weight, bias, groups_per_program) -> None:
             raise ValueError(f"group_norm: {name} must have shape ({C},), got {tuple(p.shape)}")
         if p.device != x.device:
             raise ValueError(f"group_norm: {name} is on {p.device} but x is on {x.device}")
-    if groups_per_program is not None and not 1 <= groups_per_program <= num_groups:
-        raise ValueError(f"group_norm: groups_per_program={groups_per_program} must be in 1..{num_groups}")
+    gpp, tile = tuning.groups_per_program, tuning.tile
+    if gpp is not None and not 1 <= gpp <= num_groups:
+        raise ValueError(f"group_norm: groups_per_program={gpp} must be in 1..{num_groups}")
+    if not 64 <= tile <= 16384 or tile & (tile - 1):
+        raise ValueError(f"group_norm: tile={tile} must be a power of two from 64 to 16384")
+    if tuning.pdl and not _pdl_supported(x.device):
+        raise ValueError("group_norm: pdl=True needs a CUDA GPU of compute capability >= 9.0 and Triton >= 3.4")
 
 
 def group_norm(
@@ -342,26 +360,22 @@ def group_norm(
     eps: float = 1e-5,
     silu: bool = False,
     *,
-    groups_per_program: int | None = None,
-    pdl: bool | None = None,
+    tuning: GroupNormTuning = GroupNormTuning(),
 ) -> torch.Tensor:
     """F.group_norm(x, num_groups, weight, bias, eps), then SiLU if silu; statistics in fp32.
 
     x: (N, C, H, W), contiguous or channels-last, fp16/bf16/fp32. weight, bias: (C,) or None.
-    Tuning knobs for benchmarks: groups_per_program, adjacent groups per program (None picks it); pdl, launch the
-    second and third kernels programmatically dependent (None: where the GPU and Triton support it).
-    Returns a tensor of x's dtype and memory format.
+    tuning: how the work is cut (GroupNormTuning; benchmarks ablate its fields). Returns a tensor of x's dtype and
+    memory format.
     """
-    _check_inputs(x, num_groups, weight, bias, groups_per_program)
-    if pdl and not _pdl_supported(x.device):
-        raise ValueError("group_norm: pdl=True needs a CUDA GPU of compute capability >= 9.0 and Triton >= 3.4")
+    _check_inputs(x, num_groups, weight, bias, tuning)
     if _spatial_stride(x) is None:  # neither NCHW nor NHWC (e.g. a strided slice): work on a contiguous copy
         x = x.contiguous()
     y = torch.empty_like(x)  # keeps x's strides, hence its memory format
     if x.numel() == 0:
         return y
-    pdl = _pdl_supported(x.device) if pdl is None else pdl
-    plan = plan_for(x, num_groups, groups_per_program)
+    pdl = _pdl_supported(x.device) if tuning.pdl is None else tuning.pdl
+    plan = plan_for(x, num_groups, tuning)
     for kernel, grid, args, kwargs in launches(x, y, num_groups, weight, bias, eps, silu, plan, pdl):
         kernel[grid](*args, **kwargs)
     return y
@@ -388,7 +402,7 @@ def launches(x, y, num_groups, weight, bias, eps, silu, p: _Plan, pdl: bool = Fa
     dependent = {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
     out = [(_group_norm_stats_kernel, grid, (x, partial, *x_strides, *sizes), {**blocks, "PDL": pdl})]
     if p.finalize:
-        block_r = max(1, _TILE // block_split)
+        block_r = max(1, 2048 // block_split)  # (BLOCK_R, BLOCK_SPLIT) partial pairs a finalize program reduces
         out.append((_group_norm_finalize_kernel, (triton.cdiv(n_groups, block_r),),
                     (partial, stats, n_groups, p.split, inv_count, float(eps)),
                     {"BLOCK_R": block_r, "BLOCK_SPLIT": block_split, "num_warps": _NUM_WARPS, **dependent}))

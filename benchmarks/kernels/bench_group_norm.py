@@ -16,6 +16,7 @@ Columns (CUDA; every time is a median of CUDA-graph replays unless it says launc
   speedup               torch_ms / ms, cold
   launch_ms             plain calls (do_bench), host launch cost included: what an uncaptured caller pays
   gpp, split, finalize  the launch plan: groups per program, programs per chunk, third kernel or not
+  tile2k_ms             cold, with 2048-element tiles (half the bytes in flight): the ablation of the tile
   gpp1_ms               channels-last only, cold, with one group a program: the ablation of the chunking
   nopdl_ms              channels-last only, cold, every kernel launched plainly: the ablation of PDL
 
@@ -63,15 +64,16 @@ def torch_gn_silu(x, w, b):
     return F.silu(F.group_norm(x, GROUPS, w, b, 1e-5))
 
 
-def measure(group_norm, shape, layout: str, on_cuda: bool, copy: float | None) -> dict:
+def measure(kernels, shape, layout: str, on_cuda: bool, copy: float | None) -> dict:
+    """One row: sdrt.kernels' group_norm (`kernels`, imported by harness) and torch on one shape and layout."""
     device = "cuda" if on_cuda else "cpu"
     N, C, H, W = shape
     x = torch.randn(N, C, H, W, device=device, dtype=torch.float16).contiguous(memory_format=FORMATS[layout])
     w = torch.randn(C, device=device, dtype=torch.float16)
     b = torch.randn(C, device=device, dtype=torch.float16)
 
-    def ours(x, **kw):
-        return group_norm(x, GROUPS, w, b, 1e-5, silu=True, **kw)
+    def ours(x, **ablate):  # one GroupNormTuning field changed, or none
+        return kernels.group_norm(x, GROUPS, w, b, 1e-5, silu=True, tuning=kernels.GroupNormTuning(**ablate))
 
     err = (ours(x).float() - torch_gn_silu(x, w, b).float()).abs().max().item()
     xs = harness.cold_copies(x, on_cuda)
@@ -79,7 +81,8 @@ def measure(group_norm, shape, layout: str, on_cuda: bool, copy: float | None) -
     warm_ms, launch_ms = harness.time_ms(lambda: ours(x), on_cuda)
     torch_ms = harness.time_cold_ms(lambda x: torch_gn_silu(x, w, b), xs, on_cuda)
     torch_warm_ms = harness.time_ms(lambda: torch_gn_silu(x, w, b), on_cuda)[0]
-    # The ablations on channels-last only, the layout sdrt's torch backend runs (each is another set of compiles).
+    tile2k_ms = harness.time_cold_ms(lambda x: ours(x, tile=2048), xs, on_cuda)
+    # These two on channels-last only, the layout sdrt's torch backend runs (each is another set of compiles).
     gpp1_ms = nopdl_ms = None
     if layout == "nhwc":
         gpp1_ms = harness.time_cold_ms(lambda x: ours(x, groups_per_program=1), xs, on_cuda)
@@ -93,7 +96,7 @@ def measure(group_norm, shape, layout: str, on_cuda: bool, copy: float | None) -
         "warm_ms": warm_ms, "warm_gbps": nbytes / warm_ms * 1e-6,
         "torch_ms": torch_ms, "torch_gbps": nbytes / torch_ms * 1e-6, "torch_warm_ms": torch_warm_ms,
         "speedup": torch_ms / ms, "launch_ms": launch_ms,
-        "gpp": plan.gpp, "split": plan.split, "finalize": plan.finalize, "gpp1_ms": gpp1_ms,
+        "gpp": plan.gpp, "split": plan.split, "finalize": plan.finalize, "tile2k_ms": tile2k_ms, "gpp1_ms": gpp1_ms,
         "nopdl_ms": nopdl_ms,
         "max_abs_err": err, "copy_gbps": copy, "device": harness.device_name(on_cuda),
     }
@@ -103,9 +106,9 @@ def run(dry_run: bool) -> list[dict]:
     on_cuda = torch.cuda.is_available()
     if not on_cuda and not dry_run:
         raise RuntimeError("bench_group_norm needs CUDA (use dry_run=True to smoke-test on CPU)")
-    group_norm = harness.import_kernels().group_norm
+    kernels = harness.import_kernels()
     copy = harness.copy_gbps(on_cuda)
-    return [measure(group_norm, shape, layout, on_cuda, copy)
+    return [measure(kernels, shape, layout, on_cuda, copy)
             for shape in (DRY_RUN_SHAPES if dry_run else SHAPES) for layout in FORMATS]
 
 
@@ -115,7 +118,8 @@ def print_table(rows: list[dict]) -> None:
           f"GB/s = 2 * numel * 2 bytes / time, cold L2; copy ceiling {copy or float('nan'):.0f} GB/s; "
           "torch = F.group_norm + F.silu")
     header = (f"{'N':>3}{'C':>6}{'HxW':>9}{'layout':>7}{'ms':>10}{'GB/s':>7}{'%copy':>7}{'warm ms':>9}"
-              f"{'torch ms':>10}{'speedup':>9}{'gpp1 ms':>9}{'no-PDL ms':>10}{'plan':>12}{'max err':>10}")
+              f"{'torch ms':>10}{'speedup':>9}{'tile2k ms':>10}{'gpp1 ms':>9}{'no-PDL ms':>10}{'plan':>12}"
+              f"{'max err':>10}")
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -124,7 +128,8 @@ def print_table(rows: list[dict]) -> None:
         nopdl = f"{r['nopdl_ms']:.4f}" if r["nopdl_ms"] is not None else "-"
         plan = f"{r['gpp']}x{r['split']}{'+f' if r['finalize'] else ''}"
         print(f"{r['N']:>3}{r['C']:>6}{str(r['H']) + 'x' + str(r['W']):>9}{r['layout']:>7}{r['ms']:>10.4f}"
-              f"{r['gbps']:>7.0f}{pct:>7}{r['warm_ms']:>9.4f}{r['torch_ms']:>10.4f}{r['speedup']:>8.2f}x{gpp1:>9}"
+              f"{r['gbps']:>7.0f}{pct:>7}{r['warm_ms']:>9.4f}{r['torch_ms']:>10.4f}{r['speedup']:>8.2f}x"
+              f"{r['tile2k_ms']:>10.4f}{gpp1:>9}"
               f"{nopdl:>10}{plan:>12}{r['max_abs_err']:>10.1e}")
 
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from sdrt.kernels import group_norm, group_norm_ref
-from sdrt.kernels.group_norm import _plan
+from sdrt.kernels import GroupNormTuning, group_norm, group_norm_ref
+from sdrt.kernels.group_norm import _plan, plan_for
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -30,7 +30,7 @@ CPU_SHAPES = [
     pytest.param(1, 320, 2, 3, id="c320-tiny"),  # 10 channels per group, padded to 16
     pytest.param(2, 96, 7, 9, id="c96-7x9-b2"),  # 3 channels per group, odd spatial
     pytest.param(1, 960, 4, 5, id="c960-4x5"),  # 30 channels per group (SD's up blocks concatenate skips)
-    pytest.param(1, 320, 16, 17, id="c320-16x17-split"),  # 3 tiles of H*W: the reduction splits in 2 programs
+    pytest.param(1, 320, 16, 17, id="c320-16x17-split"),  # NCHW: 2 tiles of H*W, the reduction split in 2 programs
 ]
 
 # SD 1.5 / SDXL UNet: C 320..2560 (960 and 1920 after skip concatenation) at 64^2 and 128^2 (SDXL at 1024px);
@@ -72,11 +72,14 @@ def test_group_norm_sd_shapes(N, C, H, W, dtype, atol, rtol, memory_format):
 
 
 @pytest.mark.parametrize("memory_format", FORMATS)
-@pytest.mark.parametrize("groups_per_program", [1, 3, 5, 32])  # 3 and 5: the last chunk holds fewer groups
+@pytest.mark.parametrize("tuning", [
+    *(pytest.param(GroupNormTuning(groups_per_program=g), id=f"gpp{g}") for g in (1, 3, 5, 32)),  # 3, 5: short last
+    pytest.param(GroupNormTuning(tile=64), id="tile64"),  # several tiles a program, and tiles narrower than a chunk
+])
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES[:2])
-def test_group_norm_any_groups_per_program(groups_per_program, dtype, atol, rtol, memory_format):
+def test_group_norm_any_tuning(tuning, dtype, atol, rtol, memory_format):
     x, w, b = _inputs(2, 320, 5, 7, dtype, memory_format)
-    y = group_norm(x, 32, w, b, silu=True, groups_per_program=groups_per_program)
+    y = group_norm(x, 32, w, b, silu=True, tuning=tuning)
     torch.testing.assert_close(y, group_norm_ref(x, 32, w, b, silu=True), atol=atol, rtol=rtol)
 
 
@@ -85,10 +88,11 @@ def test_group_norm_any_groups_per_program(groups_per_program, dtype, atol, rtol
     pytest.param(torch.channels_last, True, id="nhwc-finalize-kernel"),
 ])
 def test_group_norm_both_statistics_paths(memory_format, finalize):
-    # (1, 320, 16, 17) on the CPU's 64-program target: NCHW splits each group in 2 and every apply program reduces
-    # its 2 partials; channels-last takes 12 groups a program, splits each chunk in 17 and reduces in a third kernel.
-    x, w, b = _inputs(1, 320, 16, 17, torch.float32, memory_format)
-    assert _plan(1, 320, 16 * 17, 32, 4, memory_format == torch.channels_last, 64).finalize is finalize
+    # (1, 320, 24, 25) fp32 on the CPU's 64-program target: NCHW splits each group in 2 and every apply program
+    # reduces its 2 partials; channels-last takes 6 groups a program, splits each chunk in 10 and reduces the
+    # 6 x 10 partials in a third kernel.
+    x, w, b = _inputs(1, 320, 24, 25, torch.float32, memory_format)
+    assert plan_for(x, 32).finalize is finalize
     y = group_norm(x, 32, w, b, silu=True)
     torch.testing.assert_close(y, group_norm_ref(x, 32, w, b, silu=True), atol=1e-5, rtol=1e-5)
 
@@ -106,7 +110,7 @@ def test_group_norm_plan_at_sd_shapes(N, C, H, W):
             assert run_bytes >= 128 and run_bytes % 16 == 0 and run_bytes / 2 / p.block_c >= 0.75
         else:
             assert p.gpp == 1
-        assert p.block_c * p.block_hw <= 2048 and p.block_c <= 256
+        assert p.block_c * p.block_hw <= 4096 and p.block_c <= 256
         assert target / 2 <= N * p.n_chunks * p.split <= 2 * target
         assert p.split * p.hw_per_program >= H * W > (p.split - 1) * p.hw_per_program  # every pixel, no idle program
         assert p.finalize == (p.gpp * p.split > 32)
@@ -119,7 +123,8 @@ def test_group_norm_pdl_is_bitwise_serial(N, C, H, W, memory_format):
     # Programmatically dependent launches (where the GPU has them) only move when kernels start, never what they
     # compute: the same bits as plain launches, in every plan (finalize kernel or not).
     x, w, b = _inputs(N, C, H, W, torch.float16, memory_format)
-    assert torch.equal(group_norm(x, 32, w, b, silu=True, pdl=True), group_norm(x, 32, w, b, silu=True, pdl=False))
+    pdl, plain = (group_norm(x, 32, w, b, silu=True, tuning=GroupNormTuning(pdl=p)) for p in (True, False))
+    assert torch.equal(pdl, plain)
 
 
 def test_group_norm_no_affine_and_other_groups():
@@ -162,8 +167,9 @@ def test_group_norm_errors(shape, num_groups, weight_shape, match):
         group_norm(torch.zeros(shape), num_groups, torch.ones(weight_shape), None)
     with pytest.raises(ValueError, match="dtype"):
         group_norm(torch.zeros(1, 32, 2, 2, dtype=torch.float64), 32, None, None)
-    with pytest.raises(ValueError, match="groups_per_program"):
-        group_norm(torch.zeros(1, 32, 2, 2), 32, None, None, groups_per_program=33)
-    if not CUDA:
-        with pytest.raises(ValueError, match="pdl"):
-            group_norm(torch.zeros(1, 32, 2, 2), 32, None, None, pdl=True)
+    for bad, match in ((GroupNormTuning(groups_per_program=33), "groups_per_program"),
+                       (GroupNormTuning(tile=1000), "tile"), (GroupNormTuning(pdl=True), "pdl")):
+        if match == "pdl" and CUDA:
+            continue  # supported or not depends on the GPU
+        with pytest.raises(ValueError, match=match):
+            group_norm(torch.zeros(1, 32, 2, 2), 32, None, None, tuning=bad)
