@@ -81,11 +81,12 @@ def resources(compiled) -> dict:
             "gdc": "griddepcontrol" in ptx}
 
 
-def group_norm_rows() -> list[dict]:
+def group_norm_rows(shapes=GROUP_NORM_SHAPES, layouts=tuple(FORMATS)) -> list[dict]:
     gn = importlib.import_module("sdrt.kernels.group_norm")
     rows = []
-    for N, C, H, W in GROUP_NORM_SHAPES:
-        for layout, memory_format in FORMATS.items():
+    for N, C, H, W in shapes:
+        for layout in layouts:
+            memory_format = FORMATS[layout]
             x = torch.empty(N, C, H, W, dtype=torch.float16).contiguous(memory_format=memory_format)
             w = torch.empty(C, dtype=torch.float16)
             # the plan as on an H100 (132 SMs), not this CPU's
@@ -98,10 +99,11 @@ def group_norm_rows() -> list[dict]:
     return rows
 
 
-def attention_rows() -> list[dict]:
+def attention_rows(shapes=ATTENTION_SHAPES, configs=None) -> list[dict]:
+    """configs: the autotuner's (default) or a subset of them."""
     att = importlib.import_module("sdrt.kernels.attention")
     rows, seen = [], set()
-    for _, B, H, n_q, n_k, d in ATTENTION_SHAPES:
+    for _, B, H, n_q, n_k, d in shapes:
         if (n_k > 154, d) in seen:  # self-attention shapes with the same d compile alike
             continue
         seen.add((n_k > 154, d))
@@ -109,7 +111,7 @@ def attention_rows() -> list[dict]:
         k = v = torch.empty(B, H, n_k, d, dtype=torch.float16)
         for split in sorted({False, True} if att.head_dim_tiles(d)[1] else {False}):
             args, constexprs = att.launch_args(q, k, v, torch.empty_like(q), None, split)
-            for cfg in att._CONFIGS:
+            for cfg in configs or att._CONFIGS:
                 kwargs = constexprs | cfg.kwargs | {"EVEN_N": n_k % cfg.kwargs["BLOCK_N"] == 0,
                                                     "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
                 row = {"kernel": "attention", "Nk": n_k, "d": d,
