@@ -75,7 +75,7 @@ _NUM_WARPS = 4
 _PROGRAMS_PER_SM = 4
 _TARGET_PROGRAMS_CPU = 64
 # Channels-last chunks: at least this many contiguous bytes per pixel (a 128-byte line, four 32-byte sectors), at
-# most _MAX_BLOCK_C lanes wide, so a tile still spans >= 8 pixels.
+# most _MAX_BLOCK_C lanes wide, so a tile still spans several pixels (16 at the default tile).
 _MIN_RUN_BYTES = 128
 _MAX_BLOCK_C = 256
 # Partials (GPP * SPLIT) an apply program may reduce itself before a finalize kernel does it once per group.
@@ -296,7 +296,7 @@ class _Plan:
     gpp: int  # groups per program (a chunk)
     n_chunks: int  # chunks per sample
     block_c: int  # next_pow2(gpp * C/G) channel lanes
-    block_hw: int  # pixels per tile; block_hw * block_c <= _TILE
+    block_hw: int  # pixels per tile; block_hw * block_c <= GroupNormTuning.tile
     split: int  # programs per chunk, each over hw_per_program pixels
     hw_per_program: int
     finalize: bool  # reduce the partials in a third, tiny kernel (else every apply program reduces its own)

@@ -48,7 +48,8 @@ def breakdown(fn, device: torch.device) -> dict:
         times[e.name] = times.get(e.name, 0.0) + us / 1e3
     kinds: dict[str, float] = {}
     for name, ms in times.items():
-        kinds[kind_of(name)] = kinds.get(kind_of(name), 0.0) + ms
+        kind = kind_of(name)
+        kinds[kind] = kinds.get(kind, 0.0) + ms
     top = sorted(times.items(), key=lambda kv: -kv[1])[:TOP]
     return {"total_ms": sum(times.values()), "kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
             "top": [[name[:120], ms] for name, ms in top]}

@@ -76,14 +76,15 @@ def run(dry_run: bool) -> list[dict]:
         err = (attention(q, k, v).float() - sdpa(q, k, v).float()).abs().max().item()
         ms, launch_ms = harness.time_ms(lambda q=q, k=k, v=v: attention(q, k, v), on_cuda)
         torch_ms, torch_launch_ms = harness.time_ms(lambda q=q, k=k, v=v: sdpa(q, k, v), on_cuda)
+        tiles = head_dim_tiles(d)
         nosplit_ms = None  # the ablation of the two column tiles, where d has them (self-attention: autotunes again)
-        if head_dim_tiles(d)[1] and n_k == n_q:
+        if tiles[1] and n_k == n_q:
             nosplit_ms = harness.time_ms(lambda q=q, k=k, v=v: attention(q, k, v, split_head_dim=False), on_cuda)[0]
         flops = 4 * B * H * n_q * n_k * d
         rows.append({
             "kernel": "attention", "shape": name, "B": B, "heads": H, "Nq": n_q, "Nk": n_k, "d": d, "dtype": "fp16",
             "ms": ms, "torch_ms": torch_ms, "tflops": flops / ms * 1e-9, "torch_tflops": flops / torch_ms * 1e-9,
-            "speedup": torch_ms / ms, "d_tiles": "+".join(str(t) for t in head_dim_tiles(d) if t),
+            "speedup": torch_ms / ms, "d_tiles": "+".join(str(t) for t in tiles if t),
             "nosplit_ms": nosplit_ms,
             "launch_ms": launch_ms, "torch_launch_ms": torch_launch_ms, "max_abs_err": err,
             "torch_backend": torch_backend,
