@@ -262,17 +262,23 @@ def head_dim_tiles(d: int, split: bool = True) -> tuple[int, int]:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, *,
-              split_head_dim: bool = _SPLIT_HEAD_DIM) -> torch.Tensor:
+              out: torch.Tensor | None = None, split_head_dim: bool = _SPLIT_HEAD_DIM) -> torch.Tensor:
     """softmax(q k^T * scale) v without materialising the (Nq, Nk) matrix.
 
     q: (B, heads, Nq, d); k, v: (B, heads, Nk, d); any strides; fp16, bf16 or fp32.
-    scale defaults to 1 / sqrt(d). Returns a contiguous (B, heads, Nq, d) tensor of q's dtype.
+    scale defaults to 1 / sqrt(d). Returns a contiguous (B, heads, Nq, d) tensor of q's dtype, or writes `out`, a
+    (B, heads, Nq, d) tensor of q's dtype with any strides that does not overlap q, k or v, and returns it. (SD's
+    attention layers want (B, Nq, heads * d) next: a permuted (B, Nq, heads, d) buffer saves a transposing copy.)
     split_head_dim (a tuning knob for benchmarks): cover a head size that is not a power of two with two column
     tiles instead of one padded one (head_dim_tiles).
     """
     _check_inputs(q, k, v)
     B, H, n_q, d = q.shape
-    out = torch.empty((B, H, n_q, d), dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty((B, H, n_q, d), dtype=q.dtype, device=q.device)
+    elif not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+        got = (tuple(out.shape), out.dtype, str(out.device)) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"attention: out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device}, got {got}")
     if n_q == 0 or B * H == 0:
         return out
     args, constexprs = launch_args(q, k, v, out, scale, split_head_dim)

@@ -83,13 +83,15 @@ _MAX_PARTIALS_PER_APPLY = 32
 
 
 @triton.jit
-def _chunk_setup(X, stride_xn, stride_xc, pid_nk, C, CPG, N_CHUNKS,
-                 CHUNK_C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr):
+def _chunk_setup(X, ADD, stride_xn, stride_xc, stride_an, pid_nk, C, CPG, N_CHUNKS,
+                 CHUNK_C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, HAS_ADD: tl.constexpr):
     """Program row pid_nk's chunk of GPP = CHUNK_C / CPG adjacent groups of one sample, seen per channel lane.
 
     Returns n, the chunk's first channel c0, its first (n * G + g) group index, x's base pointer for the chunk, the
     channel lanes (BLOCK_C,) and their mask, the (BLOCK_C, BLOCK_G) one-hot of lane -> group within the chunk, the
-    group mask (BLOCK_G,), and K, each lane's group shift (BLOCK_C,) fp32 = x[n, first channel of the group, hw=0].
+    group mask (BLOCK_G,), and each lane's shift (BLOCK_C,) fp32: K = x[n, first channel of the group, hw=0].
+    With HAS_ADD the normalised input is x + add[n, c]: K is taken on it too, and the lane's shift becomes
+    K - add[n, c], so that x - shift = (x + add) - K costs the inner loops nothing extra.
     CHUNK_C is a constexpr so that Triton knows c0's alignment and the mask's constancy (16-byte loads)."""
     n = pid_nk // N_CHUNKS
     c0 = (pid_nk % N_CHUNKS) * CHUNK_C
@@ -101,6 +103,10 @@ def _chunk_setup(X, stride_xn, stride_xc, pid_nk, C, CPG, N_CHUNKS,
     g_mask = (offs_g * CPG < CHUNK_C) & (c0 + offs_g * CPG < C)
     one_hot = (lane_group[:, None] == offs_g[None, :]) & c_mask[:, None]
     shift = tl.load(x_base + lane_group * CPG * stride_xc, mask=c_mask, other=0.0).to(tl.float32)
+    if HAS_ADD:
+        a_base = ADD + n.to(tl.int64) * stride_an + c0
+        shift += tl.load(a_base + lane_group * CPG, mask=c_mask, other=0.0).to(tl.float32)
+        shift -= tl.load(a_base + offs_c, mask=c_mask, other=0.0).to(tl.float32)
     return n, c0, n * (C // CPG) + c0 // CPG, x_base, offs_c, c_mask, one_hot, g_mask, shift
 
 
@@ -119,13 +125,14 @@ def _group_stats(PARTIAL, rows, row_mask, SPLIT, inv_count, eps, BLOCK_SPLIT: tl
 
 @triton.jit
 def _group_norm_stats_kernel(
-    X, PARTIAL,  # PARTIAL: (N*G, SPLIT, 2) fp32, sum(x - K) and sum((x - K)^2) of each slice
-    stride_xn, stride_xc, stride_xhw,
+    X, ADD, PARTIAL,  # PARTIAL: (N*G, SPLIT, 2) fp32, sum(x - K) and sum((x - K)^2) of each slice
+    stride_xn, stride_xc, stride_xhw, stride_an,
     C, HW, CPG, N_CHUNKS, HW_PER_PROGRAM, SPLIT,  # CPG: channels per group; HW_PER_PROGRAM: k * BLOCK_HW
     CHUNK_C: tl.constexpr,  # channels per program: GPP * CPG
     BLOCK_HW: tl.constexpr,
     BLOCK_C: tl.constexpr,  # next power of two >= CHUNK_C
     BLOCK_G: tl.constexpr,  # next power of two >= GPP
+    HAS_ADD: tl.constexpr,  # normalise x + ADD[n, c], ADD (N, C) with unit channel stride
     PDL: tl.constexpr,  # the next kernel is launched programmatically dependent: let it launch now
 ):
     if PDL:
@@ -133,7 +140,7 @@ def _group_norm_stats_kernel(
     pid_nk = tl.program_id(0)
     pid_s = tl.program_id(1)
     _, _, ng0, x_base, offs_c, c_mask, one_hot, g_mask, shift = _chunk_setup(
-        X, stride_xn, stride_xc, pid_nk, C, CPG, N_CHUNKS, CHUNK_C, BLOCK_C, BLOCK_G)
+        X, ADD, stride_xn, stride_xc, stride_an, pid_nk, C, CPG, N_CHUNKS, CHUNK_C, BLOCK_C, BLOCK_G, HAS_ADD)
     offs_hw = tl.arange(0, BLOCK_HW)
 
     sum1 = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
@@ -177,13 +184,14 @@ def _group_norm_finalize_kernel(
 
 @triton.jit
 def _group_norm_apply_kernel(
-    X, Y, W, B, PARTIAL, STATS,
-    stride_xn, stride_xc, stride_xhw,
+    X, ADD, Y, W, B, PARTIAL, STATS,
+    stride_xn, stride_xc, stride_xhw, stride_an,
     stride_yn, stride_yc, stride_yhw,
     C, HW, CPG, N_CHUNKS, HW_PER_PROGRAM, SPLIT,
     inv_count, eps,  # inv_count = 1 / (CPG * HW)
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_ADD: tl.constexpr,
     SILU: tl.constexpr,
     FINALIZED: tl.constexpr,  # STATS holds each group's statistics; else reduce its SPLIT partials here
     CHUNK_C: tl.constexpr,
@@ -196,12 +204,12 @@ def _group_norm_apply_kernel(
     pid_nk = tl.program_id(0)
     pid_s = tl.program_id(1)
     n, c0, ng0, x_base, offs_c, c_mask, one_hot, g_mask, shift = _chunk_setup(
-        X, stride_xn, stride_xc, pid_nk, C, CPG, N_CHUNKS, CHUNK_C, BLOCK_C, BLOCK_G)
+        X, ADD, stride_xn, stride_xc, stride_an, pid_nk, C, CPG, N_CHUNKS, CHUNK_C, BLOCK_C, BLOCK_G, HAS_ADD)
     y_base = Y + n.to(tl.int64) * stride_yn + c0.to(tl.int64) * stride_yc
     offs_hw = tl.arange(0, BLOCK_HW)
 
-    # Everything above reads only x (complete before the stats kernel started), and nothing was written: with PDL
-    # that ran while the previous kernel finished. Its outputs are read only after this wait.
+    # Everything above reads only x and add (complete before the stats kernel started), and nothing was written:
+    # with PDL that ran while the previous kernel finished. Its outputs are read only after this wait.
     if PDL:
         tl.extra.cuda.gdc_wait()
     rows = ng0 + tl.arange(0, BLOCK_G)
@@ -327,7 +335,7 @@ def plan_for(x: torch.Tensor, num_groups: int, tuning: GroupNormTuning = GroupNo
                  _num_programs_target(x.device), tuning.groups_per_program, tuning.tile)
 
 
-def _check_inputs(x, num_groups, weight, bias, tuning: GroupNormTuning) -> None:
+def _check_inputs(x, num_groups, weight, bias, add, tuning: GroupNormTuning) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"group_norm: x must be a rank-4 tensor (N, C, H, W), got {shape}")
@@ -343,6 +351,12 @@ def _check_inputs(x, num_groups, weight, bias, tuning: GroupNormTuning) -> None:
             raise ValueError(f"group_norm: {name} must have shape ({C},), got {tuple(p.shape)}")
         if p.device != x.device:
             raise ValueError(f"group_norm: {name} is on {p.device} but x is on {x.device}")
+    if add is not None:
+        if not isinstance(add, torch.Tensor) or add.shape != (x.shape[0], C):
+            shape = tuple(add.shape) if isinstance(add, torch.Tensor) else type(add).__name__
+            raise ValueError(f"group_norm: add must have shape ({x.shape[0]}, {C}) (N, C), got {shape}")
+        if add.device != x.device:
+            raise ValueError(f"group_norm: add is on {add.device} but x is on {x.device}")
     gpp, tile = tuning.groups_per_program, tuning.tile
     if gpp is not None and not 1 <= gpp <= num_groups:
         raise ValueError(f"group_norm: groups_per_program={gpp} must be in 1..{num_groups}")
@@ -360,15 +374,20 @@ def group_norm(
     eps: float = 1e-5,
     silu: bool = False,
     *,
+    add: torch.Tensor | None = None,
     tuning: GroupNormTuning = GroupNormTuning(),
 ) -> torch.Tensor:
     """F.group_norm(x, num_groups, weight, bias, eps), then SiLU if silu; statistics in fp32.
 
     x: (N, C, H, W), contiguous or channels-last, fp16/bf16/fp32. weight, bias: (C,) or None.
+    add: (N, C) or None: normalise x + add[:, :, None, None] instead of x, the sum never materialised (SD's resnet
+    blocks add the time embedding right before norm2; eager PyTorch spends a full read and write of x on it).
     tuning: how the work is cut (GroupNormTuning; benchmarks ablate its fields). Returns a tensor of x's dtype and
     memory format.
     """
-    _check_inputs(x, num_groups, weight, bias, tuning)
+    _check_inputs(x, num_groups, weight, bias, add, tuning)
+    if add is not None and add.stride(1) != 1:
+        add = add.contiguous()
     if _spatial_stride(x) is None:  # neither NCHW nor NHWC (e.g. a strided slice): work on a contiguous copy
         x = x.contiguous()
     y = torch.empty_like(x)  # keeps x's strides, hence its memory format
@@ -376,14 +395,15 @@ def group_norm(
         return y
     pdl = _pdl_supported(x.device) if tuning.pdl is None else tuning.pdl
     plan = plan_for(x, num_groups, tuning)
-    for kernel, grid, args, kwargs in launches(x, y, num_groups, weight, bias, eps, silu, plan, pdl):
+    for kernel, grid, args, kwargs in launches(x, y, num_groups, weight, bias, eps, silu, plan, pdl, add):
         kernel[grid](*args, **kwargs)
     return y
 
 
-def launches(x, y, num_groups, weight, bias, eps, silu, p: _Plan, pdl: bool = False) -> list[tuple]:
+def launches(x, y, num_groups, weight, bias, eps, silu, p: _Plan, pdl: bool = False, add=None) -> list[tuple]:
     """The (kernel, grid, args, kwargs) launches of group_norm for x -> y under plan p, in order; tools compile them
-    without a GPU (benchmarks/kernels/sm90_report.py). x: (N, C, H, W) with a flattenable H*W axis, y like x."""
+    without a GPU (benchmarks/kernels/sm90_report.py). x: (N, C, H, W) with a flattenable H*W axis, y like x;
+    add: (N, C) with unit channel stride, or None."""
     N, C, H, W = x.shape
     HW = H * W
     cpg = C // num_groups
@@ -394,20 +414,21 @@ def launches(x, y, num_groups, weight, bias, eps, silu, p: _Plan, pdl: bool = Fa
     stats = torch.empty((n_groups, 2), dtype=torch.float32, device=x.device) if p.finalize else partial
 
     grid = (N * p.n_chunks, p.split)
-    x_strides = (x.stride(0), x.stride(1), _spatial_stride(x))
+    x_strides = (x.stride(0), x.stride(1), _spatial_stride(x), add.stride(0) if add is not None else 0)
+    add_ptr = add if add is not None else x  # dummy pointer, never read when HAS_ADD is False
     y_strides = (y.stride(0), y.stride(1), _spatial_stride(y))
     sizes = (C, HW, cpg, p.n_chunks, p.hw_per_program, p.split)
     blocks = {"CHUNK_C": p.gpp * cpg, "BLOCK_HW": p.block_hw, "BLOCK_C": p.block_c,
-              "BLOCK_G": triton.next_power_of_2(p.gpp), "num_warps": _NUM_WARPS}
+              "BLOCK_G": triton.next_power_of_2(p.gpp), "HAS_ADD": add is not None, "num_warps": _NUM_WARPS}
     dependent = {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
-    out = [(_group_norm_stats_kernel, grid, (x, partial, *x_strides, *sizes), {**blocks, "PDL": pdl})]
+    out = [(_group_norm_stats_kernel, grid, (x, add_ptr, partial, *x_strides, *sizes), {**blocks, "PDL": pdl})]
     if p.finalize:
         block_r = max(1, 2048 // block_split)  # (BLOCK_R, BLOCK_SPLIT) partial pairs a finalize program reduces
         out.append((_group_norm_finalize_kernel, (triton.cdiv(n_groups, block_r),),
                     (partial, stats, n_groups, p.split, inv_count, float(eps)),
                     {"BLOCK_R": block_r, "BLOCK_SPLIT": block_split, "num_warps": _NUM_WARPS, **dependent}))
     out.append((_group_norm_apply_kernel, grid, (
-        x, y,
+        x, add_ptr, y,
         weight if weight is not None else x,  # dummy pointer, never read when HAS_WEIGHT is False
         bias if bias is not None else x,
         partial, stats, *x_strides, *y_strides, *sizes, inv_count, float(eps),
@@ -423,13 +444,16 @@ def group_norm_ref(
     bias: torch.Tensor | None,
     eps: float = 1e-5,
     silu: bool = False,
+    add: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """F.group_norm in fp32 (+ SiLU), cast back to x's dtype in x's memory format."""
+    """F.group_norm in fp32 (of x + add[:, :, None, None] when add is given, the sum in fp32) (+ SiLU), cast back to
+    x's dtype in x's memory format."""
     w = weight.float() if weight is not None else None
     b = bias.float() if bias is not None else None
+    xf = x.float() if add is None else x.float() + add.float()[:, :, None, None]
     # Contiguous on purpose: torch's CPU channels-last group norm computes E[x^2] - E[x]^2 unshifted and is far off
     # when |mean| >> std (torch 2.13); the NCHW path is accurate.
-    y = F.group_norm(x.float().contiguous(), num_groups, w, b, eps)
+    y = F.group_norm(xf.contiguous(), num_groups, w, b, eps)
     if silu:
         y = F.silu(y)
     return torch.empty_like(x).copy_(y)

@@ -9,9 +9,11 @@ model loaded in the same process stays stock. They compose in any order; the tor
                        q/k/v from one fused projection (self-attention: to_qkv, cross-attention: to_kv over the text),
                        read as strided views by sdrt.kernels.attention (flash attention, no (N, N) matrix).
   use_sdrt_group_norm  nn.GroupNorm -> GroupNormAct calling sdrt.kernels.group_norm; where SiLU follows the norm
-                       (ResnetBlock2D's norm1/norm2, the UNet's and VAE's conv_norm_out/conv_act) the SiLU is fused
-                       into the kernel and that instance's activation becomes nn.Identity.
-  to_channels_last     NHWC weights: cuDNN's fastest convolutions, and copy-free (B, HW, C) views for attention.
+                       (the UNet's and VAE's conv_norm_out/conv_act) the SiLU is fused into the kernel and that
+                       instance's activation becomes nn.Identity. Each SD ResnetBlock2D becomes a ResnetBlock: both
+                       SiLUs fused, the time-embedding add folded into norm2, no division by a scale of 1.
+  to_channels_last     NHWC weights: cuDNN's fastest convolutions, and copy-free (B, HW, C) views for attention;
+                       Transformer2DModel outputs stay NHWC (no NCHW copy per transformer).
   to_precision         one dtype for every parameter.
 
 `kernel=False` keeps the same module structure but computes with PyTorch ops (SDPA, F.group_norm): the fast path on
@@ -19,6 +21,8 @@ CPU, where the Triton kernels only run under the interpreter (TRITON_INTERPRET=1
 """
 
 from __future__ import annotations
+
+import types
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +36,31 @@ def to_precision(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 def to_channels_last(model: nn.Module) -> nn.Module:
-    # Only 4-D parameters (conv weights) change; inputs must be made channels-last by the caller.
+    """NHWC conv weights (inputs must be made channels-last by the caller), and every Transformer2DModel's output
+    left in the layout it is computed in.
+
+    diffusers ends each Transformer2DModel with `(B, HW, C) -> (B, H, W, C) -> permute -> .contiguous()`: an NCHW
+    copy of the activation (5 MB at SD 1.5's 64^2), which the next convolution or GroupNorm then reads in the other
+    layout, and the residual add mixes the two. The permuted view is already channels-last: used as is, the copy
+    goes. (sd15 at 512^2: 16 copies a UNet step.)
+    """
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    for m in model.modules():
+        if (isinstance(m, Transformer2DModel) and getattr(m, "is_input_continuous", False)
+                and hasattr(type(m), "_get_output_for_continuous_inputs")):  # else: diffusers changed, keep stock
+            m._get_output_for_continuous_inputs = types.MethodType(_transformer_output_nhwc, m)
     return model.to(memory_format=torch.channels_last)
+
+
+def _transformer_output_nhwc(self, hidden_states, residual, batch_size, height, width, inner_dim):
+    # Transformer2DModel._get_output_for_continuous_inputs without its .contiguous(); hidden_states (B, HW, C).
+    if not self.use_linear_projection:  # proj_out is a 1x1 conv: NHWC in, NHWC out
+        hidden_states = self.proj_out(hidden_states.reshape(batch_size, height, width, inner_dim).permute(0, 3, 1, 2))
+    else:
+        hidden_states = self.proj_out(hidden_states)
+        hidden_states = hidden_states.reshape(batch_size, height, width, -1).permute(0, 3, 1, 2)
+    return hidden_states + residual
 
 
 # ---- attention -------------------------------------------------------------------------------------------------
@@ -148,7 +175,9 @@ class SdrtAttnProcessor:
         elif self.kernel and q.shape[-1] <= MAX_KERNEL_HEAD_DIM:
             from sdrt.kernels import attention
 
-            out = attention(q, k, v, scale=attn.scale)
+            # written token-major, (B, N, heads, d) seen as (B, heads, N, d): the reshape below is then a view
+            out = q.new_empty(batch, tokens, heads, q.shape[-1]).transpose(1, 2)
+            out = attention(q, k, v, scale=attn.scale, out=out)
         else:
             out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
         out = out.transpose(1, 2).reshape(batch, tokens, -1)  # (B, N, heads * d)
@@ -157,7 +186,9 @@ class SdrtAttnProcessor:
             out = out.view(b, h, w, c).permute(0, 3, 1, 2)
         if attn.residual_connection:
             out = out + residual
-        return out / attn.rescale_output_factor
+        if attn.rescale_output_factor != 1.0:  # 1 in SD: the division would be a full pass over out for nothing
+            out = out / attn.rescale_output_factor
+        return out
 
 
 # ---- GroupNorm (+ SiLU) ----------------------------------------------------------------------------------------
@@ -175,13 +206,16 @@ class GroupNormAct(nn.Module):
         self.weight, self.bias = norm.weight, norm.bias  # (C,) or None when affine=False
         self.silu, self.kernel = silu, kernel
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        """x (N, C, H, W) or (N, C, L); add (N, C) or None: normalise x + add[:, :, None, None], not materialised."""
         if x.ndim == 3:  # (B, C, N): the VAE attention's group_norm; the kernel wants (N, C, H, W)
-            return self.forward(x.unsqueeze(-1)).squeeze(-1)
+            return self.forward(x.unsqueeze(-1), add).squeeze(-1)
         if self.kernel:
             from sdrt.kernels import group_norm
 
-            return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=self.silu)
+            return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=self.silu, add=add)
+        if add is not None:
+            x = x + add[:, :, None, None]
         y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         return F.silu(y) if self.silu else y
 
@@ -189,21 +223,59 @@ class GroupNormAct(nn.Module):
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, silu={self.silu}, kernel={self.kernel}"
 
 
+class ResnetBlock(nn.Module):
+    """diffusers' ResnetBlock2D as SD 1/2/XL and their VAEs configure it (SiLU, the time embedding added before
+    norm2), with its elementwise steps folded into the GroupNorm kernel:
+
+        h = GN1+SiLU(x) -> [up/downsample] -> conv1 -> GN2+SiLU(h + temb) -> dropout -> conv2;   out = shortcut(x) + h
+
+    The stock block runs each SiLU, `h + temb` and `/ output_scale_factor` (1 in SD) as kernels of their own, each a
+    full read and write of h. Built from a ResnetBlock2D, taking over its submodules under the same names, so the
+    state dict keeps its keys; the temb SiLU runs here, ahead of time_emb_proj.
+    """
+
+    def __init__(self, block: nn.Module, kernel: bool = True):
+        super().__init__()
+        self.norm1 = GroupNormAct(block.norm1, silu=True, kernel=kernel)
+        self.conv1, self.time_emb_proj, self.conv2 = block.conv1, block.time_emb_proj, block.conv2
+        self.norm2 = GroupNormAct(block.norm2, silu=True, kernel=kernel)
+        self.dropout, self.conv_shortcut = block.dropout, block.conv_shortcut
+        self.upsample, self.downsample = block.upsample, block.downsample
+        self.skip_time_act, self.output_scale_factor = block.skip_time_act, block.output_scale_factor
+        self.in_channels, self.out_channels = block.in_channels, block.out_channels
+
+    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
+        # input_tensor (B, C_in, H, W); temb (B, C_temb) or None (the VAE)
+        h = self.norm1(input_tensor)
+        if self.upsample is not None:
+            if h.shape[0] >= 64:  # as diffusers: upsample_nearest_nhwc fails at large batches (diffusers#984)
+                input_tensor, h = input_tensor.contiguous(), h.contiguous()
+            input_tensor, h = self.upsample(input_tensor), self.upsample(h)
+        elif self.downsample is not None:
+            input_tensor, h = self.downsample(input_tensor), self.downsample(h)
+        h = self.conv1(h)
+        add = None
+        if self.time_emb_proj is not None and temb is not None:  # (B, C_out): one value per sample and channel
+            add = self.time_emb_proj(temb if self.skip_time_act else F.silu(temb))
+        h = self.conv2(self.dropout(self.norm2(h, add)))
+        if self.conv_shortcut is not None:
+            input_tensor = self.conv_shortcut(input_tensor)
+        out = input_tensor + h
+        return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
+
+
 def use_sdrt_group_norm(model: nn.Module, kernel: bool = True) -> nn.Module:
-    """Swap every nn.GroupNorm of `model` for GroupNormAct, fusing the SiLU that diffusers applies right after."""
+    """Swap every nn.GroupNorm of `model` for GroupNormAct, fusing the SiLU that diffusers applies right after, and
+    every SD resnet block for ResnetBlock (which also folds the time-embedding add into norm2)."""
     from diffusers.models.resnet import ResnetBlock2D
 
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is ResnetBlock2D and _fusable_resnet(child):  # exactly: a subclass may compute more
+                setattr(parent, name, ResnetBlock(child, kernel=kernel))
+    _hoist_time_act(model)
     for m in list(model.modules()):
-        if isinstance(m, ResnetBlock2D) and _fusable_resnet(m):
-            # forward: norm1 -> nonlinearity -> conv1; (+temb) norm2 -> nonlinearity -> dropout -> conv2;
-            # and temb -> nonlinearity -> time_emb_proj. With nonlinearity = Identity on THIS instance, the temb
-            # path keeps its SiLU inside time_emb_proj.
-            m.norm1 = GroupNormAct(m.norm1, silu=True, kernel=kernel)
-            m.norm2 = GroupNormAct(m.norm2, silu=True, kernel=kernel)
-            if m.time_emb_proj is not None and not m.skip_time_act:
-                m.time_emb_proj = nn.Sequential(nn.SiLU(), m.time_emb_proj)
-            m.nonlinearity = nn.Identity()
-        elif _is_group_norm(getattr(m, "conv_norm_out", None)) and isinstance(getattr(m, "conv_act", None), nn.SiLU):
+        if _is_group_norm(getattr(m, "conv_norm_out", None)) and isinstance(getattr(m, "conv_act", None), nn.SiLU):
             # UNet2DConditionModel / VAE Encoder / Decoder: conv_norm_out -> conv_act -> conv_out, nothing between
             m.conv_norm_out = GroupNormAct(m.conv_norm_out, silu=True, kernel=kernel)
             m.conv_act = nn.Identity()
@@ -214,12 +286,29 @@ def use_sdrt_group_norm(model: nn.Module, kernel: bool = True) -> nn.Module:
     return model
 
 
+def _hoist_time_act(unet: nn.Module) -> None:
+    """Every SD resnet block applies SiLU to the same time embedding before its projection: 22 identical (2, 1280)
+    kernels a UNet step in SD 1.5 (~2 us each even inside a CUDA graph). Where the UNet has no activation of its own
+    on the embedding (time_embed_act, a diffusers config option) and every module that consumes it is a ResnetBlock,
+    the UNet applies it once and the blocks skip theirs."""
+    from diffusers import UNet2DConditionModel
+
+    if type(unet) is not UNet2DConditionModel or unet.time_embed_act is not None:
+        return
+    consumers = [m for m in unet.modules() if hasattr(m, "time_emb_proj")]
+    if not consumers or not all(isinstance(m, ResnetBlock) and not m.skip_time_act for m in consumers):
+        return
+    unet.time_embed_act = nn.SiLU()
+    for m in consumers:
+        m.skip_time_act = True
+
+
 def _is_group_norm(m) -> bool:
     return type(m) is nn.GroupNorm  # exactly: AdaGroupNorm / SpatialNorm compute something else
 
 
 def _fusable_resnet(m) -> bool:
-    # "default" adds temb before norm2 (the VAE's "group" has no temb); "scale_shift" modulates after norm2, so
+    # "default" adds temb before norm2 (the VAE's resnets have no temb); "scale_shift" modulates after norm2, so
     # SiLU would not follow the norm there.
     return (_is_group_norm(m.norm1) and _is_group_norm(m.norm2) and isinstance(m.nonlinearity, nn.SiLU)
-            and m.time_embedding_norm != "scale_shift")
+            and m.time_embedding_norm == "default")

@@ -106,6 +106,19 @@ def test_attention_non_contiguous(dtype, atol, rtol):
     _check(q, k_t, v, atol, rtol)
 
 
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES[:2])
+def test_attention_into_token_major_out(dtype, atol, rtol):
+    # out= a (B, N, heads, d) buffer seen as (B, heads, N, d), as sdrt's attention processor passes it (d = 40,
+    # the stride 40 * heads on N): the values land in that layout, so the (B, N, heads * d) view needs no copy.
+    q, k, v = _qkv(2, 3, 67, 77, 40, dtype)
+    buf = torch.full((2, 67, 3, 40), float("nan"), device=DEVICE, dtype=dtype)
+    out = attention(q, k, v, out=buf.transpose(1, 2))
+    assert out.data_ptr() == buf.data_ptr() and not buf.isnan().any()
+    torch.testing.assert_close(out, attention_ref(q, k, v), atol=atol, rtol=rtol)
+    with pytest.raises(ValueError, match="out must be"):
+        attention(q, k, v, out=buf)  # (B, N, heads, d) itself: wrong shape
+
+
 def test_attention_scale_and_sdpa():
     q, k, v = _qkv(1, 2, 67, 77, 64, torch.float32)
     _check(q, k, v, 1e-5, 1e-5, scale=0.3)

@@ -127,6 +127,36 @@ def test_group_norm_pdl_is_bitwise_serial(N, C, H, W, memory_format):
     assert torch.equal(pdl, plain)
 
 
+@pytest.mark.parametrize("memory_format", FORMATS)
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("N, C, H, W, tuning", [
+    pytest.param(2, 320, 5, 7, GroupNormTuning(), id="c320-5x7"),  # nhwc: 12-group chunks, the last one short
+    pytest.param(1, 320, 24, 25, GroupNormTuning(), id="c320-24x25-split"),  # several programs a group (+finalize)
+    pytest.param(2, 96, 3, 4, GroupNormTuning(groups_per_program=1), id="c96-gpp1"),
+])
+def test_group_norm_fused_add(N, C, H, W, tuning, dtype, atol, rtol, memory_format):
+    # SD's resnet norm2 input: h + temb[:, :, None, None], the time embedding per sample and channel, here with an
+    # offset and spread of its own (it moves each channel's mean, so the group statistics must see it).
+    x, w, b = _inputs(N, C, H, W, dtype, memory_format)
+    add = (torch.randn(N, C, device=DEVICE) * 3 - 1).to(dtype)
+    y = group_norm(x, 32, w, b, silu=True, add=add, tuning=tuning)
+    assert y.stride() == x.stride()
+    torch.testing.assert_close(y, group_norm_ref(x, 32, w, b, silu=True, add=add), atol=atol, rtol=rtol)
+    # the reference itself is F.group_norm of the materialised sum
+    ref = F.silu(F.group_norm(x.float() + add.float()[:, :, None, None], 32, w.float(), b.float()))
+    torch.testing.assert_close(group_norm_ref(x, 32, w, b, silu=True, add=add).float(), ref, atol=atol, rtol=rtol)
+
+
+def test_group_norm_fused_add_strided_and_errors():
+    # A (N, C) view with a non-unit channel stride (e.g. one half of a chunked projection) is copied, not misread.
+    x, w, b = _inputs(2, 64, 4, 4, torch.float32, torch.channels_last)
+    add = torch.randn(2, 128)[:, ::2]
+    y = group_norm(x, 32, w, b, add=add)
+    torch.testing.assert_close(y, group_norm_ref(x, 32, w, b, add=add), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"add must have shape \(2, 64\)"):
+        group_norm(x, 32, w, b, add=torch.zeros(2, 64, 1, 1))
+
+
 def test_group_norm_no_affine_and_other_groups():
     x, _, _ = _inputs(2, 64, 5, 6, torch.float32, torch.channels_last)
     _check(x, None, None, False, 1e-5, 1e-5)
