@@ -3,11 +3,11 @@ torch backend's passes. No weights and no GPU: the models are built on PyTorch's
 at 512^2 takes a second here.
 
 What it counts: every aten op that writes new memory (views, and empty tensors, launch nothing), by op name, with
-its bytes read + written, and sdrt's Triton kernels as single ops ("sdrt.group_norm", "sdrt.attention"; GroupNorm
-counted as it runs, x read twice). Those bytes are the *minimum* traffic of each kernel: cuDNN and cuBLAS re-read
-tiles, and a small kernel costs its launch (~2-5 us on an H100, even inside a CUDA graph) more than its bytes, so the
-kernel count matters as much as the bytes for the elementwise rows. It is a model, not a measurement: use it to see
-what a pass removed, and `make gpu-suite` for what that is worth.
+its bytes read + written, and sdrt's Triton kernels as single ops ("sdrt.group_norm", "sdrt.attention",
+"sdrt.geglu"; GroupNorm counted as it runs, x read twice). Those bytes are the *minimum* traffic of each kernel:
+cuDNN and cuBLAS re-read tiles, and a small kernel costs its launch (~2-5 us on an H100, even inside a CUDA graph)
+more than its bytes, so the kernel count matters as much as the bytes for the elementwise rows. It is a model, not
+a measurement: use it to see what a pass removed, and `make gpu-suite` for what that is worth.
 
     python benchmarks/op_census.py [--model sd15] [--size 512] [--batch 2] [--vae]
 """
@@ -68,14 +68,19 @@ def sdrt_kernels_as_ops(census: Census):
 
     def attention(q, kk, v, scale=None, *, out=None, split_head_dim=True):
         census.record("sdrt.attention", _nbytes([q, kk, v, q]), tuple(q.shape))
-        return torch.empty_like(q) if out is None else out
+        return q.new_empty(q.shape) if out is None else out  # contiguous, as the launcher allocates it
 
-    saved = k.group_norm, k.attention
-    k.group_norm, k.attention = group_norm, attention
+    def geglu(h):
+        y = h.new_empty(*h.shape[:-1], h.shape[-1] // 2)
+        census.record("sdrt.geglu", _nbytes([h, y]), tuple(y.shape))
+        return y
+
+    saved = k.group_norm, k.attention, k.geglu
+    k.group_norm, k.attention, k.geglu = group_norm, attention, geglu
     try:
         yield
     finally:
-        k.group_norm, k.attention = saved
+        k.group_norm, k.attention, k.geglu = saved
 
 
 def build(model: str, vae: bool):
@@ -89,6 +94,7 @@ def build(model: str, vae: bool):
 def optimize(m, kernel: bool = True):
     passes.use_sdrt_attention(m, kernel=kernel)
     passes.use_sdrt_group_norm(m, kernel=kernel)
+    passes.use_sdrt_geglu(m, kernel=kernel)
     return passes.to_channels_last(m)
 
 
@@ -125,10 +131,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="sd15", choices=[p for p in PRESETS if not p.startswith("tiny")])
     ap.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's)")
-    ap.add_argument("--batch", type=int, default=2, help="UNet rows (2: one image with guidance) or VAE latents")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="UNet rows (default 2: one image with guidance) or VAE latents (default 1)")
     ap.add_argument("--vae", action="store_true", help="count one VAE decode instead of one UNet step")
     a = ap.parse_args(argv)
     size = a.size or PRESETS[a.model].default_size
+    a.batch = a.batch or (1 if a.vae else 2)
     stock_model = build(a.model, a.vae)
     fast_model = optimize(copy.deepcopy(stock_model))
     stock = summary(run(stock_model, size, a.batch, a.vae, channels_last=False))

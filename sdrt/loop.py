@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from sdrt import schedulers
+from sdrt.graphs import capture
 from sdrt.schedulers import Schedule
 
 
@@ -74,16 +75,7 @@ class CapturedLoop:
         self.text_embeds, self.time_ids, self.noise = clone(text_embeds), clone(time_ids), clone(noise)
         self.sched = replace(sched, **{name: t.clone() for name, t in _tables(sched)})
         self.guidance = torch.tensor(float(guidance), dtype=torch.float32, device=latents.device)
-        # Warm up outside the capture: Triton autotuning and compilation, cuBLAS/cuDNN handles and workspaces, lazy
-        # module state. None of it may happen while recording. A side stream, as torch.cuda.graphs advises.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._run()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = self._run()  # lives in the graph's pool: overwritten by the next replay
+        self.graph, self.out = capture(self._run)  # out lives in the graph's pool: overwritten by the next replay
 
     def _run(self) -> Tensor:
         return denoise_loop(self.unet, self.latents, self.embeds, self.sched, self.guidance, self.text_embeds,

@@ -43,10 +43,10 @@ def _attention_layers(model):
     return [m for m in model.modules() if isinstance(m, Attention)]
 
 
-ALL = ("attention", "group_norm", "channels_last")
+ALL = ("attention", "group_norm", "geglu", "channels_last")
 
 
-@pytest.mark.parametrize("which", [("attention",), ("group_norm",), ("channels_last",), ALL])
+@pytest.mark.parametrize("which", [("attention",), ("group_norm",), ("geglu",), ("channels_last",), ALL])
 def test_unet_passes_match_stock(tiny, which):
     x, t, e = _unet_inputs()
     ref = _run_unet(tiny.unet, x, t, e)
@@ -55,6 +55,8 @@ def test_unet_passes_match_stock(tiny, which):
         passes.use_sdrt_attention(unet, kernel=False)
     if "group_norm" in which:
         passes.use_sdrt_group_norm(unet, kernel=False)
+    if "geglu" in which:
+        passes.use_sdrt_geglu(unet, kernel=False)
     if "channels_last" in which:
         passes.to_channels_last(unet)
     out = _run_unet(unet, x, t, e, channels_last="channels_last" in which)
@@ -73,8 +75,8 @@ def test_all_passes_match_stock_other_families(preset):
         kw["added_cond_kwargs"] = {"text_embeds": torch.randn(2, 32), "time_ids": torch.randn(2, 6)}
     with torch.inference_mode():
         ref = unet(x, t, encoder_hidden_states=e, return_dict=False, **kw)[0]
-        fast = passes.to_channels_last(passes.use_sdrt_group_norm(passes.use_sdrt_attention(
-            copy.deepcopy(unet), kernel=False), kernel=False))
+        fast = passes.to_channels_last(passes.use_sdrt_geglu(passes.use_sdrt_group_norm(passes.use_sdrt_attention(
+            copy.deepcopy(unet), kernel=False), kernel=False), kernel=False))
         out = fast(x.contiguous(memory_format=torch.channels_last), t, encoder_hidden_states=e, return_dict=False,
                    **kw)[0]
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
@@ -94,6 +96,12 @@ def test_vae_passes_match_stock(tiny):
         enc = vae.quant_conv(vae.encoder(image.contiguous(memory_format=cl)))
     torch.testing.assert_close(dec, ref_dec, atol=ATOL, rtol=0)
     torch.testing.assert_close(enc, ref_enc, atol=ATOL, rtol=0)
+    # every resnet swapped, the decoder's ("group": no time embedding) and the encoder's ("default", temb None)
+    from diffusers.models.resnet import ResnetBlock2D
+
+    assert not any(isinstance(m, ResnetBlock2D) for m in vae.modules())
+    assert sum(isinstance(m, passes.ResnetBlock) for m in vae.modules()) == sum(
+        isinstance(m, ResnetBlock2D) for m in tiny.vae.modules()) > 0
 
 
 def test_group_norm_pass_fuses_silu_where_it_follows(tiny):
@@ -155,6 +163,16 @@ def test_fused_projections_share_weights(tiny):
     torch.testing.assert_close(_run_unet(unet, x, t, e), ref, atol=ATOL, rtol=0)
 
 
+def test_geglu_pass(tiny):
+    from diffusers.models.activations import GEGLU
+
+    stock = sum(type(m) is GEGLU for m in tiny.unet.modules())
+    unet = passes.use_sdrt_geglu(copy.deepcopy(tiny.unet), kernel=False)
+    assert stock > 0 and sum(isinstance(m, passes.GegluAct) for m in unet.modules()) == stock
+    assert not any(type(m) is GEGLU for m in unet.modules())
+    assert unet.state_dict().keys() == tiny.unet.state_dict().keys()
+
+
 def test_to_precision(tiny):
     unet = passes.to_precision(copy.deepcopy(tiny.unet), torch.bfloat16)
     assert {p.dtype for p in unet.parameters()} == {torch.bfloat16}
@@ -165,12 +183,14 @@ def test_to_precision(tiny):
 
 def _with_kernels(block):
     passes.use_sdrt_attention(block, kernel=True)
+    passes.use_sdrt_geglu(block, kernel=True)
     return passes.to_channels_last(passes.use_sdrt_group_norm(block, kernel=True))
 
 
 def test_kernels_in_unet_block(tiny):
-    # CrossAttnDownBlock2D: ResnetBlock2D (two GroupNorm+SiLU), Transformer2DModel (GroupNorm, self-attention
-    # with fused QKV over 64 tokens, cross-attention over 77 text tokens, head size 4), downsampler.
+    # CrossAttnDownBlock2D: ResnetBlock2D (two GroupNorm+SiLU, the time embedding added in norm2), Transformer2DModel
+    # (GroupNorm, self-attention with fused QKV over 64 tokens, cross-attention over 77 text tokens, head size 4,
+    # GEGLU feed-forward), downsampler.
     block = tiny.unet.down_blocks[0]
     g = torch.Generator().manual_seed(2)
     x, temb, e = torch.randn(2, 32, 8, 8, generator=g), torch.randn(2, 128, generator=g), torch.randn(2, 77, 64)
@@ -213,4 +233,6 @@ def test_passes_remove_kernels_from_the_sd15_step():
     assert n(stock, "reshape") == 32 and n(fast, "reshape") == 0  # attention outputs written token-major
     assert n(stock, "silu") == 68 and n(fast, "silu") == 2  # fused into the norms; temb's once
     assert n(stock, "add") - n(fast, "add") == 22  # the time-embedding adds, folded into norm2
+    assert n(stock, "gelu") == n(fast, "sdrt.geglu") == 16 and n(fast, "gelu") == 0  # GEGLU: gelu and mul fused
+    assert n(stock, "mul") - n(fast, "mul") == 16
     assert n(stock, "conv2d") == n(fast, "conv2d") and n(fast, "linear") == n(stock, "linear") - 48  # fused QKV, KV

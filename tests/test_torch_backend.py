@@ -9,6 +9,7 @@ SDRT_SLOW=1 (a minute per UNet call there; tests/test_passes.py covers the kerne
 
 import copy
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from sdrt.backends import Precision
 from sdrt.backends.eager import EagerBackend
 from sdrt.backends.torch_opt import TorchBackend, TorchOptions, create
 from sdrt.errors import SdrtError
+from sdrt.graphs import GraphCache
 from sdrt.loop import bucket_key, denoise_loop
 from sdrt.models import load_model
 from sdrt.pipeline import GenerationRequest, Pipeline
@@ -179,6 +181,45 @@ def test_captured_loop_matches_uncaptured(tiny, eager, scheduler, precision):
 
 
 @cuda
+@pytest.mark.parametrize("precision", [Precision.FP32, Precision.FP16])
+def test_captured_stages_match_uncaptured(precision):
+    # Both SDXL text encoders (CLIP-L and the projected one), the VAE decoder and encoder: recorded without a
+    # warning (a failed recording would fall back silently but for it), replayed with new inputs, equal to plain.
+    c = load_model("tiny-sdxl")
+    graphed = TorchBackend(copy.deepcopy(c), precision, "cuda")
+    plain = TorchBackend(copy.deepcopy(c), precision, "cuda", TorchOptions(cuda_graph=False))
+    atol = 1e-3 if precision is Precision.FP32 else 2e-2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for seed in (0, 1):
+            g = torch.Generator().manual_seed(seed)
+            ids = torch.randint(0, 1000, (2, 77), generator=g)
+            for k in (0, 1):
+                for name, t in graphed.text_encoder(k, ids).items():
+                    torch.testing.assert_close(t, plain.text_encoder(k, ids)[name], atol=atol, rtol=0)
+            z, image = torch.randn(1, 4, 8, 8, generator=g), torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
+            torch.testing.assert_close(graphed.vae_decoder(z), plain.vae_decoder(z), atol=atol, rtol=0)
+            torch.testing.assert_close(graphed.vae_encoder(image), plain.vae_encoder(image), atol=atol, rtol=0)
+    assert len(graphed.stage_graphs) == 4 and all(v is not None for v in graphed.stage_graphs.entries.values())
+
+
+def test_stages_have_no_host_sync():
+    # What a CUDA graph cannot record is a read back to the host (.item(), a tensor in an `if`) or a tensor made on
+    # the CPU inside forward. On the meta device both fail, so this is the CPU check that the stage verbs' modules
+    # (transformers' CLIP, diffusers' VAE, after sdrt's passes) can be recorded; the recording itself is a GPU test.
+    backend = TorchBackend(load_model("tiny-sdxl"), device="cpu")
+    for m in (*backend.text_encoders, backend.vae):
+        m.to("meta")
+    backend.device = torch.device("meta")
+    ids = torch.zeros(2, 77, dtype=torch.long)
+    for k in (0, 1):
+        out = backend.text_encoder(k, ids)
+        assert out["penultimate_hidden_state"].device.type == "meta" and out["pooled_output"].shape[0] == 2
+    assert backend.vae_decoder(torch.zeros(1, 4, 8, 8)).shape == (1, 3, 64, 64)
+    assert backend.vae_encoder(torch.zeros(1, 3, 64, 64)).shape == (1, 8, 8, 8)
+
+
+@cuda
 def test_one_graph_per_bucket(tiny, eager):
     backend = TorchBackend(copy.deepcopy(tiny), Precision.FP16, "cuda")
     for scheduler, size in (("pndm", 64), ("pndm", 64), ("pndm", 72), ("euler-a", 64)):
@@ -205,9 +246,9 @@ def test_captured_loops_are_capped_least_recent_first(tiny, eager, monkeypatch):
             return denoise_loop(self.unet, **kw)
 
     monkeypatch.setattr(torch_opt, "CapturedLoop", Loop)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: type("S", (), {"synchronize": lambda self: None})())
     backend = TorchBackend(copy.deepcopy(tiny), device="cpu")
     backend.options = replace(backend.options, cuda_graph=True, max_graphs=2)
+    backend.graphs = GraphCache(2)
 
     def run(size):
         inputs = _loop_inputs(eager, GenerationRequest("x", steps=1, scheduler="ddim", height=size, width=size))
@@ -219,3 +260,47 @@ def test_captured_loops_are_capped_least_recent_first(tiny, eager, monkeypatch):
     assert captured == [8, 9, 10, 9] and [k[4][0][-1] for k in backend.graphs] == [10, 9]
     with pytest.raises(SdrtError, match="max_graphs"):
         TorchOptions(max_graphs=0).resolve(torch.device("cpu"))
+
+
+def test_stage_verbs_are_recorded_per_shape_and_fall_back(tiny, eager, monkeypatch):
+    # Text encoders and VAE verbs: one recorded call per (verb, encoder, input shape), replayed after; a shape whose
+    # recording fails warns once and runs uncaptured from then on. CUDA-only recording, so the bookkeeping is
+    # tested here with a stand-in that calls fn directly, and one that fails like a host sync does.
+    from dataclasses import replace
+
+    from sdrt.backends import torch_opt
+
+    made = []
+
+    class Call:
+        def __init__(self, fn, *inputs):
+            if inputs[0].shape[-1] == 9:  # the stand-in "host sync": 72 px images
+                raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+            made.append(inputs[0].shape)
+            self.fn = fn
+
+        def __call__(self, *inputs):
+            return self.fn(*inputs)
+
+    monkeypatch.setattr(torch_opt, "CapturedCall", Call)
+    backend = TorchBackend(copy.deepcopy(tiny), device="cpu")
+    backend.options = replace(backend.options, cuda_graph=True)
+    ref = EagerBackend(copy.deepcopy(tiny), device="cpu")
+    ids = torch.randint(0, 1000, (2, 77))
+    for _ in range(2):
+        out = backend.text_encoder(0, ids)
+        assert out.keys() == ref.text_encoder(0, ids).keys()
+        torch.testing.assert_close(out["last_hidden_state"], ref.text_encoder(0, ids)["last_hidden_state"])
+    z = torch.randn(1, 4, 8, 8)
+    torch.testing.assert_close(backend.vae_decoder(z), ref.vae_decoder(z), atol=2e-5, rtol=0)
+    assert made == [(2, 77), (1, 4, 8, 8)]  # the second text call replayed
+    with pytest.warns(RuntimeWarning, match=r"vae_decoder could not be recorded .*capturing\)"):
+        backend.vae_decoder(torch.randn(1, 4, 9, 9))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second attempt, no second warning
+        z9 = torch.randn(1, 4, 9, 9)
+        torch.testing.assert_close(backend.vae_decoder(z9), ref.vae_decoder(z9), atol=2e-5, rtol=0)
+    assert len(backend.stage_graphs) == 3 and len(backend.graphs) == 0
+    backend.options = replace(backend.options, graph_stages=False)
+    backend.vae_decoder(torch.randn(1, 4, 10, 10))
+    assert len(made) == 2
