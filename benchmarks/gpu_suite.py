@@ -24,7 +24,9 @@ import time
 from pathlib import Path
 
 ROWS = ("eager", "diffusers:fp16", "eager:fp16", "torch:fp16", "torch.compile:fp16", "tensorrt:fp16")
-KERNEL_BENCHMARKS = ("bench_attention.py", "bench_group_norm.py", "bench_geglu.py")  # each: run(dry_run) -> list[dict]
+KERNEL_BENCHMARKS = (  # each: run(dry_run) -> list[dict]
+    "bench_attention.py", "bench_group_norm.py", "bench_geglu.py", "bench_layer_norm.py",
+)
 BUDGET_S = 480.0
 
 

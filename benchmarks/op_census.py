@@ -4,10 +4,11 @@ at 512^2 takes a second here.
 
 What it counts: every aten op that writes new memory (views, and empty tensors, launch nothing), by op name, with
 its bytes read + written, and sdrt's Triton kernels as single ops ("sdrt.group_norm", "sdrt.attention",
-"sdrt.geglu"; GroupNorm counted as it runs, x read twice). Those bytes are the *minimum* traffic of each kernel:
-cuDNN and cuBLAS re-read tiles, and a small kernel costs its launch (~2-5 us on an H100, even inside a CUDA graph)
-more than its bytes, so the kernel count matters as much as the bytes for the elementwise rows. It is a model, not
-a measurement: use it to see what a pass removed, and `make gpu-suite` for what that is worth.
+"sdrt.geglu", "sdrt.add_layer_norm"; GroupNorm counted as it runs, x read twice). Those bytes are the *minimum*
+traffic of each kernel: cuDNN and cuBLAS re-read tiles, and a small kernel costs its launch (~2-5 us on an H100,
+even inside a CUDA graph) more than its bytes, so the kernel count matters as much as the bytes for the elementwise
+rows. It is a model, not a measurement: use it to see what a pass removed, and `make gpu-suite` for what that is
+worth.
 
     python benchmarks/op_census.py [--model sd15] [--size 512] [--batch 2] [--vae]
 """
@@ -75,12 +76,20 @@ def sdrt_kernels_as_ops(census: Census):
         census.record("sdrt.geglu", _nbytes([h, y]), tuple(y.shape))
         return y
 
-    saved = k.group_norm, k.attention, k.geglu
-    k.group_norm, k.attention, k.geglu = group_norm, attention, geglu
+    def add_layer_norm(x, residual, weight, bias, eps=1e-5):
+        s, y = torch.empty_like(x), torch.empty_like(x)
+        census.record("sdrt.add_layer_norm", _nbytes([x, residual, s, y]), tuple(x.shape))
+        return s, y
+
+    names = ("group_norm", "attention", "geglu", "add_layer_norm")
+    saved = [getattr(k, n) for n in names]
+    for n, f in zip(names, (group_norm, attention, geglu, add_layer_norm)):
+        setattr(k, n, f)
     try:
         yield
     finally:
-        k.group_norm, k.attention, k.geglu = saved
+        for n, f in zip(names, saved):
+            setattr(k, n, f)
 
 
 def build(model: str, vae: bool):
@@ -95,6 +104,7 @@ def optimize(m, kernel: bool = True):
     passes.use_sdrt_attention(m, kernel=kernel)
     passes.use_sdrt_group_norm(m, kernel=kernel)
     passes.use_sdrt_geglu(m, kernel=kernel)
+    passes.use_sdrt_transformer_blocks(m, kernel=kernel)
     return passes.to_channels_last(m)
 
 

@@ -3,5 +3,9 @@
 from .attention import attention, attention_ref
 from .geglu import geglu, geglu_ref
 from .group_norm import GroupNormTuning, group_norm, group_norm_ref
+from .layer_norm import add_layer_norm, add_layer_norm_ref
 
-__all__ = ["GroupNormTuning", "attention", "attention_ref", "geglu", "geglu_ref", "group_norm", "group_norm_ref"]
+__all__ = [
+    "GroupNormTuning", "add_layer_norm", "add_layer_norm_ref", "attention", "attention_ref", "geglu", "geglu_ref",
+    "group_norm", "group_norm_ref",
+]

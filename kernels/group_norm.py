@@ -27,6 +27,9 @@ dominates SD's small shapes (5-10 us for two launches on an H100).
 
 x is read twice and y written once. SPLIT is chosen so the grid has a few programs per SM; each program then handles
 a slice small enough that, for SD's activations (<= 21 MB for 2 x 320 x 128^2 fp16), the second read mostly hits L2.
+Past L2 (the VAE decoder's 1 x 128 x 512^2 is 67 MB; an H100's L2 is 50 MB) the apply kernel walks each slice from
+its end, so it starts on the tiles the stats kernel read last, the ones L2 still holds, instead of the first ones,
+which the rest of the stats pass has evicted by then.
 
 Groups per program (GPP). A program's tile is (BLOCK_HW pixels, BLOCK_C channels) with BLOCK_C = next_pow2(GPP *
 C/G), masked past the chunk. In NCHW the H*W axis is contiguous, so GPP = 1 and each channel row of the tile is
@@ -199,6 +202,7 @@ def _group_norm_apply_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_SPLIT: tl.constexpr,  # next power of two >= SPLIT
+    REVERSE: tl.constexpr,  # walk the slice from its end
     PDL: tl.constexpr,
 ):
     pid_nk = tl.program_id(0)
@@ -232,9 +236,11 @@ def _group_norm_apply_kernel(
         bias += tl.load(B + c0 + offs_c, mask=c_mask, other=0.0).to(tl.float32)
 
     hw_start = pid_s * HW_PER_PROGRAM
-    hw_end = tl.minimum(hw_start + HW_PER_PROGRAM, HW)
-    for hw0 in range(hw_start, hw_end, BLOCK_HW):
-        hw = hw0 + offs_hw
+    n_tiles = tl.cdiv(tl.minimum(hw_start + HW_PER_PROGRAM, HW) - hw_start, BLOCK_HW)
+    for i in range(n_tiles):
+        # REVERSE: last tile first. The stats kernel read this slice front to back, so its last tiles are the ones
+        # most likely still in L2 when x is larger than L2 (the VAE's 17-134 MB activations).
+        hw = hw_start + ((n_tiles - 1 - i) if REVERSE else i) * BLOCK_HW + offs_hw
         mask = (hw[:, None] < HW) & c_mask[None, :]
         x = tl.load(x_base + hw[:, None] * stride_xhw + offs_c[None, :] * stride_xc, mask=mask, other=0.0)
         y = ((x.to(tl.float32) - shift[None, :]) - mean_shifted[None, :]) * scale[None, :] + bias[None, :]
@@ -295,6 +301,7 @@ class GroupNormTuning:
     groups_per_program: int | None = None  # adjacent groups a program takes; None: _groups_per_program (1 in NCHW)
     tile: int = _TILE  # elements of x a program loads per loop iteration, a power of two
     pdl: bool | None = None  # programmatic dependent launch of the 2nd and 3rd kernels; None: where supported
+    reverse_apply: bool = True  # the normalising pass walks each slice from its end: L2 hits for x larger than L2
 
 
 @dataclass(frozen=True)
@@ -395,12 +402,14 @@ def group_norm(
         return y
     pdl = _pdl_supported(x.device) if tuning.pdl is None else tuning.pdl
     plan = plan_for(x, num_groups, tuning)
-    for kernel, grid, args, kwargs in launches(x, y, num_groups, weight, bias, eps, silu, plan, pdl, add):
+    for kernel, grid, args, kwargs in launches(x, y, num_groups, weight, bias, eps, silu, plan, pdl, add,
+                                               tuning.reverse_apply):
         kernel[grid](*args, **kwargs)
     return y
 
 
-def launches(x, y, num_groups, weight, bias, eps, silu, p: _Plan, pdl: bool = False, add=None) -> list[tuple]:
+def launches(x, y, num_groups, weight, bias, eps, silu, p: _Plan, pdl: bool = False, add=None,
+             reverse: bool = True) -> list[tuple]:
     """The (kernel, grid, args, kwargs) launches of group_norm for x -> y under plan p, in order; tools compile them
     without a GPU (benchmarks/kernels/sm90_report.py). x: (N, C, H, W) with a flattenable H*W axis, y like x;
     add: (N, C) with unit channel stride, or None."""
@@ -433,7 +442,7 @@ def launches(x, y, num_groups, weight, bias, eps, silu, p: _Plan, pdl: bool = Fa
         bias if bias is not None else x,
         partial, stats, *x_strides, *y_strides, *sizes, inv_count, float(eps),
     ), {"HAS_WEIGHT": weight is not None, "HAS_BIAS": bias is not None, "SILU": bool(silu), "FINALIZED": p.finalize,
-        "BLOCK_SPLIT": block_split, **blocks, **dependent}))
+        "BLOCK_SPLIT": block_split, "REVERSE": bool(reverse), **blocks, **dependent}))
     return out
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from sdrt import passes
+from sdrt import blocks, passes
 from sdrt.models import load_model
 
 ATOL = 2e-5
@@ -43,10 +43,11 @@ def _attention_layers(model):
     return [m for m in model.modules() if isinstance(m, Attention)]
 
 
-ALL = ("attention", "group_norm", "geglu", "channels_last")
+ALL = ("attention", "group_norm", "geglu", "transformer", "channels_last")
 
 
-@pytest.mark.parametrize("which", [("attention",), ("group_norm",), ("geglu",), ("channels_last",), ALL])
+@pytest.mark.parametrize("which", [("attention",), ("group_norm",), ("geglu",), ("transformer",), ("channels_last",),
+                                   ALL])
 def test_unet_passes_match_stock(tiny, which):
     x, t, e = _unet_inputs()
     ref = _run_unet(tiny.unet, x, t, e)
@@ -57,6 +58,8 @@ def test_unet_passes_match_stock(tiny, which):
         passes.use_sdrt_group_norm(unet, kernel=False)
     if "geglu" in which:
         passes.use_sdrt_geglu(unet, kernel=False)
+    if "transformer" in which:
+        passes.use_sdrt_transformer_blocks(unet, kernel=False)
     if "channels_last" in which:
         passes.to_channels_last(unet)
     out = _run_unet(unet, x, t, e, channels_last="channels_last" in which)
@@ -75,8 +78,11 @@ def test_all_passes_match_stock_other_families(preset):
         kw["added_cond_kwargs"] = {"text_embeds": torch.randn(2, 32), "time_ids": torch.randn(2, 6)}
     with torch.inference_mode():
         ref = unet(x, t, encoder_hidden_states=e, return_dict=False, **kw)[0]
-        fast = passes.to_channels_last(passes.use_sdrt_geglu(passes.use_sdrt_group_norm(passes.use_sdrt_attention(
-            copy.deepcopy(unet), kernel=False), kernel=False), kernel=False))
+        fast = copy.deepcopy(unet)
+        for p in (passes.use_sdrt_attention, passes.use_sdrt_group_norm, passes.use_sdrt_geglu,
+                  passes.use_sdrt_transformer_blocks):
+            p(fast, kernel=False)
+        passes.to_channels_last(fast)
         out = fast(x.contiguous(memory_format=torch.channels_last), t, encoder_hidden_states=e, return_dict=False,
                    **kw)[0]
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
@@ -100,7 +106,7 @@ def test_vae_passes_match_stock(tiny):
     from diffusers.models.resnet import ResnetBlock2D
 
     assert not any(isinstance(m, ResnetBlock2D) for m in vae.modules())
-    assert sum(isinstance(m, passes.ResnetBlock) for m in vae.modules()) == sum(
+    assert sum(isinstance(m, blocks.ResnetBlock) for m in vae.modules()) == sum(
         isinstance(m, ResnetBlock2D) for m in tiny.vae.modules()) > 0
 
 
@@ -111,12 +117,12 @@ def test_group_norm_pass_fuses_silu_where_it_follows(tiny):
     unet = passes.use_sdrt_group_norm(copy.deepcopy(tiny.unet), kernel=False)
     assert not any(type(m) is nn.GroupNorm for m in unet.modules())
     assert not any(isinstance(m, ResnetBlock2D) for m in unet.modules())
-    resnets = [m for m in unet.modules() if isinstance(m, passes.ResnetBlock)]
+    resnets = [m for m in unet.modules() if isinstance(m, blocks.ResnetBlock)]
     assert len(resnets) == len(stock) > 0
     for r in resnets:  # norm -> SiLU fused in both norms; the temb projection is the stock Linear
         assert r.norm1.silu and r.norm2.silu and isinstance(r.time_emb_proj, nn.Linear)
     assert unet.conv_norm_out.silu and isinstance(unet.conv_act, nn.Identity)
-    fused = sum(isinstance(m, passes.GroupNormAct) and m.silu for m in unet.modules())
+    fused = sum(isinstance(m, blocks.GroupNormAct) and m.silu for m in unet.modules())
     assert fused == 2 * len(resnets) + 1
     # the transformers' input norms are not followed by SiLU
     assert not unet.down_blocks[0].attentions[0].norm.silu
@@ -147,7 +153,7 @@ def test_channels_last_pass_keeps_transformer_outputs_nhwc(tiny):
 def test_fused_projections_share_weights(tiny):
     unet = passes.use_sdrt_attention(copy.deepcopy(tiny.unet), kernel=False)
     layers = _attention_layers(unet)
-    assert len(layers) == 14 and all(isinstance(m.processor, passes.SdrtAttnProcessor) for m in layers)
+    assert len(layers) == 14 and all(isinstance(m.processor, blocks.SdrtAttnProcessor) for m in layers)
     for attn in layers:
         fused = attn.to_kv if attn.is_cross_attention else attn.to_qkv
         first = attn.to_k if attn.is_cross_attention else attn.to_q
@@ -168,8 +174,17 @@ def test_geglu_pass(tiny):
 
     stock = sum(type(m) is GEGLU for m in tiny.unet.modules())
     unet = passes.use_sdrt_geglu(copy.deepcopy(tiny.unet), kernel=False)
-    assert stock > 0 and sum(isinstance(m, passes.GegluAct) for m in unet.modules()) == stock
+    assert stock > 0 and sum(isinstance(m, blocks.GegluAct) for m in unet.modules()) == stock
     assert not any(type(m) is GEGLU for m in unet.modules())
+    assert unet.state_dict().keys() == tiny.unet.state_dict().keys()
+
+
+def test_transformer_block_pass(tiny):
+    from diffusers.models.attention import BasicTransformerBlock
+
+    stock = sum(type(m) is BasicTransformerBlock for m in tiny.unet.modules())
+    unet = passes.use_sdrt_transformer_blocks(copy.deepcopy(tiny.unet), kernel=False)
+    assert stock > 0 and sum(isinstance(m, blocks.TransformerBlock) for m in unet.modules()) == stock
     assert unet.state_dict().keys() == tiny.unet.state_dict().keys()
 
 
@@ -184,6 +199,7 @@ def test_to_precision(tiny):
 def _with_kernels(block):
     passes.use_sdrt_attention(block, kernel=True)
     passes.use_sdrt_geglu(block, kernel=True)
+    passes.use_sdrt_transformer_blocks(block, kernel=True)
     return passes.to_channels_last(passes.use_sdrt_group_norm(block, kernel=True))
 
 
@@ -232,7 +248,9 @@ def test_passes_remove_kernels_from_the_sd15_step():
     assert n(stock, "contiguous") == 16 and n(fast, "contiguous") == 0  # Transformer2DModel's NCHW copies
     assert n(stock, "reshape") == 32 and n(fast, "reshape") == 0  # attention outputs written token-major
     assert n(stock, "silu") == 68 and n(fast, "silu") == 2  # fused into the norms; temb's once
-    assert n(stock, "add") - n(fast, "add") == 22  # the time-embedding adds, folded into norm2
+    assert n(stock, "add") - n(fast, "add") == 22 + 32  # time-embedding adds (into norm2), residuals (into LN)
     assert n(stock, "gelu") == n(fast, "sdrt.geglu") == 16 and n(fast, "gelu") == 0  # GEGLU: gelu and mul fused
     assert n(stock, "mul") - n(fast, "mul") == 16
+    # transformer blocks: the residual adds after attn1 and attn2 fused into the LayerNorms that follow them
+    assert n(fast, "sdrt.add_layer_norm") == 32 and n(stock, "layer_norm") - n(fast, "layer_norm") == 32
     assert n(stock, "conv2d") == n(fast, "conv2d") and n(fast, "linear") == n(stock, "linear") - 48  # fused QKV, KV

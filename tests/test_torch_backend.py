@@ -119,7 +119,7 @@ def test_options_and_errors(tiny, monkeypatch):
 
 
 def test_kernels_are_wired_in(tiny, monkeypatch):
-    from sdrt.passes import GroupNormAct, SdrtAttnProcessor
+    from sdrt.blocks import GroupNormAct, SdrtAttnProcessor
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     backend = TorchBackend(copy.deepcopy(tiny), device="cpu", options=TorchOptions(kernels=True))

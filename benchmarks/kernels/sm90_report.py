@@ -3,14 +3,15 @@ of each launch at SD's shapes: registers per thread, stack (local memory: spills
 global loads and stores, and its tensor-core instructions. Most questions about a kernel change are answered here,
 without spending the rare device time (METHOD.md: "read what costs no device time").
 
-    python benchmarks/kernels/sm90_report.py [--json PATH] [--only group_norm|attention]
+    python benchmarks/kernels/sm90_report.py [--json PATH] [--only group_norm|attention|geglu|layer_norm]
 
 Columns: `ld`/`st` count the PTX's global accesses as v4/v2/scalar instructions (fp16: v4 = 16 bytes a thread,
 what coalesced code should use), `wgmma` the Hopper tensor-core instructions in the code (not executed counts).
 Run it without TRITON_INTERPRET (the interpreter's kernels cannot be compiled). Arguments are specialised as
 Triton's launcher specialises the same shapes' CUDA tensors: pointers 16-byte
 aligned, ints divisible by 16 marked so, ints equal to 1 made constants, constexprs as given. The launches are the
-kernels' own (group_norm.launches, attention.launch_args), so the report follows the code.
+kernels' own (group_norm.launches, attention.launch_args, geglu.launches, layer_norm.launches), so the report
+follows the code.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ import tempfile
 import torch
 import triton
 from bench_attention import SHAPES as ATTENTION_SHAPES
+from bench_geglu import SHAPES as GEGLU_SHAPES
 from bench_group_norm import FORMATS, GROUPS
 from bench_group_norm import SHAPES as GROUP_NORM_SHAPES
+from bench_layer_norm import SHAPES as LAYER_NORM_SHAPES
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -81,7 +84,9 @@ def resources(compiled) -> dict:
             "gdc": "griddepcontrol" in ptx}
 
 
-def group_norm_rows(shapes=GROUP_NORM_SHAPES, layouts=tuple(FORMATS)) -> list[dict]:
+def group_norm_rows(shapes=GROUP_NORM_SHAPES, layouts=tuple(FORMATS), adds=(False, True)) -> list[dict]:
+    """adds: without and with the fused per-channel add (the resnets' norm2 takes the time embedding); the add is
+    compiled in channels-last only, the layout the torch backend runs."""
     gn = importlib.import_module("sdrt.kernels.group_norm")
     rows = []
     for N, C, H, W in shapes:
@@ -91,11 +96,43 @@ def group_norm_rows(shapes=GROUP_NORM_SHAPES, layouts=tuple(FORMATS)) -> list[di
             w = torch.empty(C, dtype=torch.float16)
             # the plan as on an H100 (132 SMs), not this CPU's
             plan = gn._plan(N, C, H * W, GROUPS, 2, layout == "nhwc", gn._PROGRAMS_PER_SM * 132)
-            for kernel, grid, args, kwargs in gn.launches(x, torch.empty_like(x), GROUPS, w, w, 1e-5, True, plan,
-                                                          pdl=True):
-                rows.append({"kernel": kernel.__name__.strip("_"), "shape": f"{N}x{C}x{H}x{W}", "layout": layout,
-                             "grid": "x".join(map(str, grid)), "gpp": plan.gpp,
-                             **resources(compile_launch(kernel, args, kwargs))})
+            for add in adds if layout == "nhwc" else (False,):
+                a = torch.empty(N, C, dtype=torch.float16) if add else None
+                for kernel, grid, args, kwargs in gn.launches(x, torch.empty_like(x), GROUPS, w, w, 1e-5, True, plan,
+                                                              pdl=True, add=a):
+                    rows.append({"kernel": kernel.__name__.strip("_"), "shape": f"{N}x{C}x{H}x{W}",
+                                 "layout": layout, "add": add, "grid": "x".join(map(str, grid)), "gpp": plan.gpp,
+                                 **resources(compile_launch(kernel, args, kwargs))})
+    return rows
+
+
+def geglu_rows(shapes=GEGLU_SHAPES) -> list[dict]:
+    gg = importlib.import_module("sdrt.kernels.geglu")
+    rows, seen = [], set()
+    for name, M, F in shapes:
+        if F in seen:  # the row count only changes the grid
+            continue
+        seen.add(F)
+        h, y = torch.empty(M, 2 * F, dtype=torch.float16), torch.empty(M, F, dtype=torch.float16)
+        for kernel, grid, args, kwargs in gg.launches(h, y):
+            rows.append({"kernel": "geglu", "shape": name, "F": F, "grid": "x".join(map(str, grid)),
+                         **resources(compile_launch(kernel, args, kwargs))})
+    return rows
+
+
+def layer_norm_rows(shapes=LAYER_NORM_SHAPES) -> list[dict]:
+    ln = importlib.import_module("sdrt.kernels.layer_norm")
+    rows, seen = [], set()
+    for name, M, C in shapes:
+        if C in seen:
+            continue
+        seen.add(C)
+        x = torch.empty(M, C, dtype=torch.float16)
+        w = torch.empty(C, dtype=torch.float16)
+        for kernel, grid, args, kwargs in ln.launches(x, x, torch.empty_like(x), torch.empty_like(x), w, w, 1e-5):
+            rows.append({"kernel": "add_layer_norm", "shape": name, "C": C, "grid": "x".join(map(str, grid)),
+                         "block": f"{kwargs['BLOCK_M']}x{kwargs['BLOCK_C']} w{kwargs['num_warps']}",
+                         **resources(compile_launch(kernel, args, kwargs))})
     return rows
 
 
@@ -134,13 +171,11 @@ def markdown(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", metavar="PATH")
-    p.add_argument("--only", choices=("group_norm", "attention"))
+    sections = {"group_norm": group_norm_rows, "attention": attention_rows, "geglu": geglu_rows,
+                "layer_norm": layer_norm_rows}
+    p.add_argument("--only", choices=tuple(sections))
     args = p.parse_args(argv)
-    report = {}
-    if args.only in (None, "group_norm"):
-        report["group_norm"] = group_norm_rows()
-    if args.only in (None, "attention"):
-        report["attention"] = attention_rows()
+    report = {name: rows() for name, rows in sections.items() if args.only in (None, name)}
     print(f"sdrt kernels compiled for sm_90 by triton {triton.__version__} (no GPU needed)\n")
     for name, rows in report.items():
         print(f"**{name}**\n\n{markdown(rows)}\n")

@@ -2,7 +2,8 @@
 
     UNet, VAE   to_precision -> use_sdrt_attention (fused QKV, Triton flash attention) -> use_sdrt_group_norm (Triton
                 GroupNorm with SiLU and the time-embedding add fused, lean resnet blocks) -> use_sdrt_geglu (Triton
-                GEGLU) -> to_channels_last (and NHWC transformer outputs); inputs are made channels-last at each verb.
+                GEGLU) -> use_sdrt_transformer_blocks (residual adds fused into LayerNorms) -> to_channels_last (and
+                NHWC transformer outputs); inputs are made channels-last at each verb.
     denoise     an extra verb: the pipeline hands it the whole loop (UNet, guidance, scheduler step, every step). On
                 CUDA it is captured once per bucket (batch, resolution, steps, scheduler) and replayed
                 (sdrt.loop.CapturedLoop), keeping the TorchOptions.max_graphs most recently used buckets; on CPU
@@ -94,6 +95,7 @@ class TorchBackend(EagerBackend):
             passes.use_sdrt_attention(m, kernel=o.kernels, fuse_qkv=o.fuse_qkv)
             passes.use_sdrt_group_norm(m, kernel=o.kernels)
             passes.use_sdrt_geglu(m, kernel=o.kernels)
+            passes.use_sdrt_transformer_blocks(m, kernel=o.kernels)
             if o.channels_last:
                 passes.to_channels_last(m)
         self.graphs = GraphCache(o.max_graphs)  # bucket_key -> CapturedLoop

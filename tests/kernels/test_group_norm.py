@@ -75,6 +75,7 @@ def test_group_norm_sd_shapes(N, C, H, W, dtype, atol, rtol, memory_format):
 @pytest.mark.parametrize("tuning", [
     *(pytest.param(GroupNormTuning(groups_per_program=g), id=f"gpp{g}") for g in (1, 3, 5, 32)),  # 3, 5: short last
     pytest.param(GroupNormTuning(tile=64), id="tile64"),  # several tiles a program, and tiles narrower than a chunk
+    pytest.param(GroupNormTuning(tile=64, reverse_apply=False), id="tile64-forward"),
 ])
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES[:2])
 def test_group_norm_any_tuning(tuning, dtype, atol, rtol, memory_format):
@@ -155,6 +156,17 @@ def test_group_norm_fused_add_strided_and_errors():
     torch.testing.assert_close(y, group_norm_ref(x, 32, w, b, add=add), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match=r"add must have shape \(2, 64\)"):
         group_norm(x, 32, w, b, add=torch.zeros(2, 64, 1, 1))
+
+
+@pytest.mark.parametrize("memory_format", FORMATS)
+def test_group_norm_apply_order_changes_no_bits(memory_format):
+    # The apply pass walks its slice from the end (for L2) or the front: every output element is computed by the
+    # same expression either way. 64-element tiles: several tiles a program, the last one partial (HW = 5 * 7).
+    x, w, b = _inputs(2, 320, 5, 7, torch.float16, memory_format)
+    rev, fwd = (group_norm(x, 32, w, b, silu=True, tuning=GroupNormTuning(tile=64, reverse_apply=r))
+                for r in (True, False))
+    assert plan_for(x, 32, GroupNormTuning(tile=64)).hw_per_program > plan_for(x, 32, GroupNormTuning(tile=64)).block_hw
+    assert torch.equal(rev, fwd)
 
 
 def test_group_norm_no_affine_and_other_groups():

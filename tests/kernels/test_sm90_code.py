@@ -21,9 +21,12 @@ pytestmark = pytest.mark.skipif(not PTXAS.exists(), reason="this Triton has no b
 SCRIPT = """
 import importlib, json, sm90_report as r
 att = importlib.import_module("sdrt.kernels.attention")
-# 2 x 320 x 16^2 channels-last: 12 groups a program, 8 programs a chunk, so all three kernels (finalize too).
+# 2 x 320 x 16^2 channels-last: 12 groups a program, 8 programs a chunk, so all three kernels (finalize too),
+# with and without the fused add.
 print(json.dumps({"group_norm": r.group_norm_rows([(2, 320, 16, 16)], ["nhwc"]),
-                  "attention": r.attention_rows([("d40", 2, 8, 256, 256, 40)], att._CONFIGS[:1])}))
+                  "attention": r.attention_rows([("d40", 2, 8, 256, 256, 40)], att._CONFIGS[:1]),
+                  "geglu": r.geglu_rows([("sd15-64x64", 8192, 1280)]),
+                  "layer_norm": r.layer_norm_rows([("sd15-64x64", 8192, 320), ("sd15-16x16", 512, 1280)])}))
 """
 
 
@@ -43,12 +46,13 @@ def _widths(field: str) -> tuple[int, int, int]:
 def test_group_norm_channels_last_uses_16_byte_accesses(compiled):
     # 10 channels a group, channels-last: one group a program compiled to scalar 2-byte loads and stores (f665b40);
     # chunks of 12 groups must stay 16-byte (v4) in the tile loops of the stats and apply kernels, and nothing spills.
-    kernels = {r["kernel"]: r for r in compiled["group_norm"]}
-    assert set(kernels) == {"group_norm_stats_kernel", "group_norm_finalize_kernel", "group_norm_apply_kernel"}
-    assert _widths(kernels["group_norm_stats_kernel"]["ld"])[0] >= 2
-    assert _widths(kernels["group_norm_apply_kernel"]["ld"])[0] >= 2
-    assert _widths(kernels["group_norm_apply_kernel"]["st"])[0] >= 2
-    assert all(k["stack"] == 0 and k["gdc"] for k in kernels.values())  # no spills; PDL's griddepcontrol is there
+    for add in (False, True):  # with the fused add (norm2 of every resnet) too
+        kernels = {r["kernel"]: r for r in compiled["group_norm"] if r["add"] is add}
+        assert set(kernels) == {"group_norm_stats_kernel", "group_norm_finalize_kernel", "group_norm_apply_kernel"}
+        assert _widths(kernels["group_norm_stats_kernel"]["ld"])[0] >= 2
+        assert _widths(kernels["group_norm_apply_kernel"]["ld"])[0] >= 2
+        assert _widths(kernels["group_norm_apply_kernel"]["st"])[0] >= 2
+        assert all(k["stack"] == 0 and k["gdc"] for k in kernels.values())  # no spills; PDL's griddepcontrol there
 
 
 def test_attention_two_tile_head_dim_uses_tensor_cores(compiled):
@@ -59,3 +63,12 @@ def test_attention_two_tile_head_dim_uses_tensor_cores(compiled):
     for a in rows.values():
         assert "error" not in a and a["wgmma"] > 0 and _widths(a["ld"])[0] > 0 and a["stack"] == 0
     assert rows["32+16"]["smem"] <= 48 * 1024 < rows["64"]["smem"]
+
+
+def test_elementwise_kernels_use_only_16_byte_accesses(compiled):
+    # geglu at F = 1280 and add_layer_norm at C = 320 (5/8 of its 512 lanes used) and 1280: every access to the
+    # activations a 16-byte v4 (the scalar ones left are layer_norm's weight and bias vectors), and nothing spills.
+    (g,) = compiled["geglu"]
+    assert _widths(g["ld"])[1:] == (0, 0) and _widths(g["st"])[1:] == (0, 0) and g["stack"] == 0
+    for r in compiled["layer_norm"]:
+        assert _widths(r["ld"])[0] >= 4 and _widths(r["st"])[1:] == (0, 0) and r["stack"] == 0

@@ -1,0 +1,237 @@
+"""The modules and attention processor that sdrt.passes installs in a diffusers UNet or VAE (see that module).
+
+Each computes what the diffusers module it replaces computes, for the configurations SD 1.x, 2.x and XL use, with
+fewer kernels: `kernel=True` calls sdrt.kernels (Triton), `kernel=False` the same math in PyTorch ops (the CPU
+path, and the tests' reference structure). They take over the replaced module's submodules and parameters under the
+same names, so state dicts keep their keys.
+
+    SdrtAttnProcessor   Attention: fused q/k/v projections, flash attention written token-major (no transposing copy)
+    GroupNormAct        nn.GroupNorm (+ SiLU, + a per-channel add before the statistics) in one kernel
+    ResnetBlock         ResnetBlock2D: both GroupNorm+SiLU fused, the time-embedding add folded into norm2
+    GegluAct            GEGLU: chunk, GELU and product in one kernel
+    TransformerBlock    BasicTransformerBlock (layer_norm): each residual add fused into the LayerNorm after it
+    transformer_output_nhwc   Transformer2DModel's output step without its NCHW copy (bound per instance)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# The flash kernel keeps a (BLOCK_M, d) tile in registers; the SD VAE's single-head attention (d = 512) goes through
+# SDPA instead (it runs once per image at the lowest resolution, so it is not where the time goes).
+MAX_KERNEL_HEAD_DIM = 256
+
+
+def _heads(t: torch.Tensor, parts: int, heads: int) -> list[torch.Tensor]:
+    # (B, N, parts * heads * d) -> parts tensors (B, heads, N, d): strided views, nothing copied
+    b, n, _ = t.shape
+    return list(t.view(b, n, parts, heads, -1).permute(2, 0, 3, 1, 4).unbind(0))
+
+
+class SdrtAttnProcessor:
+    """diffusers AttnProcessor2_0's computation with fused projections and sdrt's flash-attention kernel.
+
+    One stateless instance serves every Attention layer; the fused weights live on each layer (to_qkv / to_kv).
+    """
+
+    def __init__(self, kernel: bool = True):
+        self.kernel = kernel
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        image = hidden_states.ndim == 4
+        if image:  # the VAE's mid-block attention: (B, C, H, W) -> (B, HW, C), a free view when channels-last
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.flatten(2).transpose(1, 2)
+        if attn.group_norm is not None:  # normalises channels: (B, C, HW)
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        batch, tokens, _ = hidden_states.shape
+        heads = attn.heads
+
+        if encoder_hidden_states is None:  # self-attention
+            if getattr(attn, "to_qkv", None) is not None:
+                q, k, v = _heads(attn.to_qkv(hidden_states), 3, heads)
+            else:
+                q, k, v = (_heads(p(hidden_states), 1, heads)[0] for p in (attn.to_q, attn.to_k, attn.to_v))
+        else:  # cross-attention over the text tokens (B, 77, C_text)
+            context = encoder_hidden_states
+            if attn.norm_cross:
+                context = attn.norm_encoder_hidden_states(context)
+            q = _heads(attn.to_q(hidden_states), 1, heads)[0]
+            if getattr(attn, "to_kv", None) is not None:
+                k, v = _heads(attn.to_kv(context), 2, heads)
+            else:
+                k, v = (_heads(p(context), 1, heads)[0] for p in (attn.to_k, attn.to_v))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+
+        # q (B, heads, N, d), k/v (B, heads, Nk, d) -> (B, heads, N, d)
+        if attention_mask is not None:  # SD never masks; keep diffusers' semantics through SDPA
+            mask = attn.prepare_attention_mask(attention_mask, k.shape[2], batch)
+            mask = mask.view(batch, heads, -1, mask.shape[-1])
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
+        elif self.kernel and q.shape[-1] <= MAX_KERNEL_HEAD_DIM:
+            from sdrt.kernels import attention
+
+            # written token-major, (B, N, heads, d) seen as (B, heads, N, d): the reshape below is then a view
+            out = q.new_empty(batch, tokens, heads, q.shape[-1]).transpose(1, 2)
+            out = attention(q, k, v, scale=attn.scale, out=out)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+        out = out.transpose(1, 2).reshape(batch, tokens, -1)  # (B, N, heads * d)
+        out = attn.to_out[1](attn.to_out[0](out))  # projection, dropout
+        if image:  # (B, HW, C) -> (B, C, H, W) as a channels-last view: no copy
+            out = out.view(b, h, w, c).permute(0, 3, 1, 2)
+        if attn.residual_connection:
+            out = out + residual
+        if attn.rescale_output_factor != 1.0:  # 1 in SD: the division would be a full pass over out for nothing
+            out = out / attn.rescale_output_factor
+        return out
+
+
+class GroupNormAct(nn.Module):
+    """nn.GroupNorm, optionally followed by SiLU, in one sdrt.kernels.group_norm call (stats in fp32).
+
+    Takes over the GroupNorm's own weight/bias parameters, so the state dict keeps its keys.
+    """
+
+    def __init__(self, norm: nn.GroupNorm, silu: bool = False, kernel: bool = True):
+        super().__init__()
+        self.num_groups, self.num_channels, self.eps = norm.num_groups, norm.num_channels, norm.eps
+        self.weight, self.bias = norm.weight, norm.bias  # (C,) or None when affine=False
+        self.silu, self.kernel = silu, kernel
+
+    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        """x (N, C, H, W) or (N, C, L); add (N, C) or None: normalise x + add[:, :, None, None], not materialised."""
+        if x.ndim == 3:  # (B, C, N): the VAE attention's group_norm; the kernel wants (N, C, H, W)
+            return self.forward(x.unsqueeze(-1), add).squeeze(-1)
+        if self.kernel:
+            from sdrt.kernels import group_norm
+
+            return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=self.silu, add=add)
+        if add is not None:
+            x = x + add[:, :, None, None]
+        y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return F.silu(y) if self.silu else y
+
+    def extra_repr(self) -> str:
+        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, silu={self.silu}, kernel={self.kernel}"
+
+
+class ResnetBlock(nn.Module):
+    """diffusers' ResnetBlock2D as SD 1/2/XL and their VAEs configure it (SiLU, the time embedding added before
+    norm2), with its elementwise steps folded into the GroupNorm kernel:
+
+        h = GN1+SiLU(x) -> [up/downsample] -> conv1 -> GN2+SiLU(h + temb) -> dropout -> conv2;   out = shortcut(x) + h
+
+    The stock block runs each SiLU, `h + temb` and `/ output_scale_factor` (1 in SD) as kernels of their own, each a
+    full read and write of h. Built from a ResnetBlock2D, taking over its submodules under the same names, so the
+    state dict keeps its keys; the temb SiLU runs here, ahead of time_emb_proj.
+    """
+
+    def __init__(self, block: nn.Module, kernel: bool = True):
+        super().__init__()
+        self.norm1 = GroupNormAct(block.norm1, silu=True, kernel=kernel)
+        self.conv1, self.time_emb_proj, self.conv2 = block.conv1, block.time_emb_proj, block.conv2
+        self.norm2 = GroupNormAct(block.norm2, silu=True, kernel=kernel)
+        self.dropout, self.conv_shortcut = block.dropout, block.conv_shortcut
+        self.upsample, self.downsample = block.upsample, block.downsample
+        self.skip_time_act, self.output_scale_factor = block.skip_time_act, block.output_scale_factor
+        self.adds_temb = block.time_embedding_norm == "default"  # else temb is ignored, as ResnetBlock2D does
+        self.in_channels, self.out_channels = block.in_channels, block.out_channels
+
+    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
+        # input_tensor (B, C_in, H, W); temb (B, C_temb) or None (the VAE)
+        h = self.norm1(input_tensor)
+        if self.upsample is not None:
+            if h.shape[0] >= 64:  # as diffusers: upsample_nearest_nhwc fails at large batches (diffusers#984)
+                input_tensor, h = input_tensor.contiguous(), h.contiguous()
+            input_tensor, h = self.upsample(input_tensor), self.upsample(h)
+        elif self.downsample is not None:
+            input_tensor, h = self.downsample(input_tensor), self.downsample(h)
+        h = self.conv1(h)
+        add = None
+        if self.adds_temb and self.time_emb_proj is not None and temb is not None:  # (B, C_out): per sample, channel
+            add = self.time_emb_proj(temb if self.skip_time_act else F.silu(temb))
+        h = self.conv2(self.dropout(self.norm2(h, add)))
+        if self.conv_shortcut is not None:
+            input_tensor = self.conv_shortcut(input_tensor)
+        out = input_tensor + h
+        return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
+
+
+class GegluAct(nn.Module):
+    """diffusers' GEGLU, `a, gate = proj(x).chunk(2, -1); a * gelu(gate)`, with chunk, GELU and product in one
+    sdrt.kernels.geglu call. Eager runs gelu and mul as two kernels: for the projection's (tokens, 2F) output h they
+    move 5 passes of a (tokens, F) tensor (gelu reads and writes one, mul reads two and writes one), the kernel 3
+    (reads h once, writes y). SD 1.5 at 512^2: 16 feed-forwards a UNet step, h up to 8192 x 2560 fp16 (42 MB).
+    Takes over the GEGLU's projection under the same name (state-dict keys unchanged)."""
+
+    def __init__(self, geglu: nn.Module, kernel: bool = True):
+        super().__init__()
+        self.proj, self.kernel = geglu.proj, kernel
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        h = self.proj(hidden_states)  # (B, N, 2F)
+        if self.kernel:
+            from sdrt.kernels import geglu
+
+            return geglu(h)
+        a, gate = h.chunk(2, dim=-1)
+        return a * F.gelu(gate)
+
+
+def transformer_output_nhwc(self, hidden_states, residual, batch_size, height, width, inner_dim):
+    # Transformer2DModel._get_output_for_continuous_inputs without its .contiguous(); hidden_states (B, HW, C).
+    if not self.use_linear_projection:  # proj_out is a 1x1 conv: NHWC in, NHWC out
+        hidden_states = self.proj_out(hidden_states.reshape(batch_size, height, width, inner_dim).permute(0, 3, 1, 2))
+    else:
+        hidden_states = self.proj_out(hidden_states)
+        hidden_states = hidden_states.reshape(batch_size, height, width, -1).permute(0, 3, 1, 2)
+    return hidden_states + residual
+
+
+class TransformerBlock(nn.Module):
+    """diffusers' BasicTransformerBlock as SD 1/2/XL configure it (norm_type "layer_norm", self-attention, then
+    cross-attention over the text, then the feed-forward; no positional embedding, GLIGEN or chunking):
+
+        n = LN1(h);  h, n = h + attn1(n), LN2(.);  h, n = h + attn2(n, text), LN3(.);  return h + ff(n)
+
+    Each `h + attn(...)` and the LayerNorm that reads it run as one sdrt.kernels.add_layer_norm call, which reads the
+    two inputs once and writes the sum and its norm: 4 passes over (B, N, C) instead of 5, one kernel instead of two
+    (SD 1.5 at 512^2: 32 pairs a UNet step). Built from a BasicTransformerBlock, taking over its submodules.
+    """
+
+    def __init__(self, block: nn.Module, kernel: bool = True):
+        super().__init__()
+        self.norm1, self.attn1, self.norm2, self.attn2 = block.norm1, block.attn1, block.norm2, block.attn2
+        self.norm3, self.ff = block.norm3, block.ff
+        self.kernel = kernel
+
+    def _add_norm(self, x: torch.Tensor, h: torch.Tensor, norm: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        # (x + h, norm(x + h)), x and h (B, N, C)
+        if self.kernel:
+            from sdrt.kernels import add_layer_norm
+
+            return add_layer_norm(x, h, norm.weight, norm.bias, norm.eps)
+        s = x + h
+        return s, norm(s)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, encoder_hidden_states=None,
+                encoder_attention_mask=None, timestep=None, cross_attention_kwargs=None, class_labels=None,
+                added_cond_kwargs=None) -> torch.Tensor:
+        kw = cross_attention_kwargs or {}
+        h = hidden_states
+        a = self.attn1(self.norm1(h), attention_mask=attention_mask, **kw)
+        if self.attn2 is not None:
+            h, n = self._add_norm(a, h, self.norm2)
+            a = self.attn2(n, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask, **kw)
+        h, n = self._add_norm(a, h, self.norm3)
+        return self.ff(n) + h
