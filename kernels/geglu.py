@@ -105,14 +105,21 @@ def geglu(h: torch.Tensor) -> torch.Tensor:
     y = torch.empty((*h.shape[:-1], f), dtype=h.dtype, device=h.device)
     if y.numel() == 0:
         return y
-    stride_hm = _row_stride(h)
-    if stride_hm is None:  # e.g. a transposed (N, B, 2F) view: its rows are not one strided axis
+    if _row_stride(h) is None:  # e.g. a transposed (N, B, 2F) view: its rows are not one strided axis
         h = h.contiguous()
-        stride_hm = h.shape[-1]
+    for kernel, grid, args, kwargs in launches(h, y):
+        kernel[grid](*args, **kwargs)
+    return y
+
+
+def launches(h: torch.Tensor, y: torch.Tensor) -> list[tuple]:
+    """The (kernel, grid, args, kwargs) launch of geglu for h -> y; tools compile it without a GPU
+    (benchmarks/kernels/sm90_report.py). h: (..., 2F) whose leading dims flatten into rows, y: (..., F) contiguous."""
+    f = y.shape[-1]
     m = y.numel() // f
     grid = (triton.cdiv(m, _BLOCK_M), triton.cdiv(f, _BLOCK_N))
-    _geglu_kernel[grid](h, y, m, f, stride_hm, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, num_warps=_NUM_WARPS)
-    return y
+    return [(_geglu_kernel, grid, (h, y, m, f, _row_stride(h)),
+             {"BLOCK_M": _BLOCK_M, "BLOCK_N": _BLOCK_N, "num_warps": _NUM_WARPS})]
 
 
 def geglu_ref(h: torch.Tensor) -> torch.Tensor:

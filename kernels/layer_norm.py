@@ -156,29 +156,33 @@ def add_layer_norm(
     y are contiguous tensors of x's dtype.
     """
     _check_inputs(x, residual, weight, bias)
-    C = x.shape[-1]
     s = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else x
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return s, y
-    x_in, stride_xm = x, _row_stride(x)
-    if stride_xm is None:  # e.g. a transposed (N, B, C) view: its rows are not one strided axis
-        x_in, stride_xm = x.contiguous(), C
-    r_in, stride_rm = residual, 0
-    if residual is not None:
-        stride_rm = _row_stride(residual)
-        if stride_rm is None:
-            r_in, stride_rm = residual.contiguous(), C
+    # inputs whose rows are not one strided axis (e.g. a transposed (N, B, C) view) are copied
+    x_in = x if _row_stride(x) is not None else x.contiguous()
+    r_in = residual if residual is None or _row_stride(residual) is not None else residual.contiguous()
+    weight = weight.contiguous() if weight is not None else None
+    bias = bias.contiguous() if bias is not None else None
+    for kernel, grid, args, kwargs in launches(x_in, r_in, s, y, weight, bias, eps):
+        kernel[grid](*args, **kwargs)
+    return s, y
+
+
+def launches(x, residual, s, y, weight, bias, eps: float) -> list[tuple]:
+    """The (kernel, grid, args, kwargs) launch of add_layer_norm; tools compile it without a GPU
+    (benchmarks/kernels/sm90_report.py). x, residual (or None): (..., C) whose leading dims flatten into rows; s, y
+    contiguous like x; weight, bias contiguous (C,) or None."""
+    C = x.shape[-1]
     m = y.numel() // C
     block_m, block_c, num_warps = _launch_config(C)
-    _add_layer_norm_kernel[(triton.cdiv(m, block_m),)](
-        x_in, r_in if r_in is not None else x_in, s, y,  # dummy pointers are never read: HAS_* is False
-        weight.contiguous() if weight is not None else y, bias.contiguous() if bias is not None else y,
-        m, C, stride_xm, stride_rm, float(eps),
-        HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
-    )
-    return s, y
+    args = (x, residual if residual is not None else x, s, y,  # dummy pointers are never read: HAS_* is False
+            weight if weight is not None else y, bias if bias is not None else y,
+            m, C, _row_stride(x), _row_stride(residual) if residual is not None else 0, float(eps))
+    return [(_add_layer_norm_kernel, (triton.cdiv(m, block_m),), args,
+             {"HAS_RESIDUAL": residual is not None, "HAS_WEIGHT": weight is not None, "HAS_BIAS": bias is not None,
+              "BLOCK_M": block_m, "BLOCK_C": block_c, "num_warps": num_warps})]
 
 
 def add_layer_norm_ref(
