@@ -38,7 +38,7 @@ from sdrt.loop import CapturedLoop, bucket_key, denoise_loop
 
 @dataclass(frozen=True)
 class TorchOptions:
-    kernels: bool | None = None     # sdrt's Triton attention and GroupNorm(+SiLU); None: on CUDA only
+    kernels: bool | None = None     # sdrt's Triton kernels (attention, GroupNorm, GEGLU, add+LayerNorm); None: CUDA
     fuse_qkv: bool = True           # one projection GEMM for q/k/v (self) and k/v (cross)
     channels_last: bool = True
     cuda_graph: bool | None = None  # capture the whole denoising loop per bucket; None: on CUDA only
@@ -46,7 +46,9 @@ class TorchOptions:
     graph_stages: bool = True
     # Captured loops kept, least recently used dropped first: each holds a private memory pool of about one step's
     # activations plus its output, so a service that sees many sizes or step counts must not keep one per bucket.
-    # The same number again of captured stages (text encoders, VAE), in a cache of their own.
+    # The same number again of captured stages (text encoders, VAE), in a cache of their own; a recorded VAE decode
+    # keeps its peak activations reserved in its pool (eager's caching allocator keeps about as much, but for one
+    # size at a time): several GB for SDXL at 1024^2, so a service with many sizes may want graph_stages off.
     max_graphs: int = 4
     # cuDNN timing its conv algorithms per shape (scoped to our calls). Off: on sd15 512^2 (H100) it gained 1% end to
     # end (458 vs 463 ms) but its trial workspaces took the CUDA peak from 11 GB to 77 GB.
