@@ -72,8 +72,8 @@ def add_arguments(p) -> None:
     p.add_argument("--sequential", action="store_true", help="run rows one after another, freeing each (less "
                    "memory; ratios then depend on the machine staying equally busy)")
     p.add_argument("--profile", action="store_true", help="also run one UNet step and one VAE decode per row under "
-                   "torch.profiler and report its time by kind of kernel (attention, group norm, conv, GEMM, other); "
-                   "on a CPU only the PyTorch rows, whose aten ops it can see")
+                   "torch.profiler and report its time by kind of kernel (attention, group norm, layer norm, GEGLU, "
+                   "conv, GEMM, other); on a CPU only the PyTorch rows, whose aten ops it can see")
     p.add_argument("--json", metavar="PATH", help="write the full report as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write the table as Markdown")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of per-stage latency by backend")

@@ -17,6 +17,8 @@ import torch
 KINDS = (
     ("attention", re.compile(r"attention|flash|fmha|sdpa|softmax")),
     ("group_norm", re.compile(r"group_norm|groupnorm")),
+    ("layer_norm", re.compile(r"layer_norm|layernorm")),  # sdrt's add+LayerNorm, torch's LayerNorm
+    ("geglu", re.compile(r"geglu|gelu")),  # sdrt's fused GEGLU; eager's GELU (its product counts as other)
     ("conv", re.compile(r"conv|fprop|implicit")),
     ("gemm", re.compile(r"gemm|matmul|addmm|\bmm\b|bmm|linear|nvjet")),
 )

@@ -133,6 +133,9 @@ def test_bench_profile_comes_after_the_timed_rounds():
     ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::Half>>", "other"),
     ("aten::mkldnn_convolution", "conv"), ("aten::addmm", "gemm"), ("aten::mm", "gemm"),
     ("aten::native_group_norm", "group_norm"), ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+    ("_add_layer_norm_kernel", "layer_norm"), ("_geglu_kernel", "geglu"), ("aten::native_layer_norm", "layer_norm"),
+    ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::Half, float>", "layer_norm"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl<c10::Half>>", "geglu"),
 ])
 def test_profile_kinds_of_real_kernel_names(name, kind):
     from sdrt.bench_profile import kind_of
