@@ -7,6 +7,9 @@ on its own statistics, then every channel gets its affine weight and bias:
     y    = (x - mean) / sqrt(var + eps) * weight[c] + bias[c]
     y    = y * sigmoid(y)              if silu   (every SD resnet block runs GroupNorm then SiLU)
 
+With `add` (N, C), x[n, c] + add[n, c] stands for x throughout, never materialised: SD's resnets normalise the conv
+output plus the time embedding's projection, which eager PyTorch adds in a full pass of its own.
+
 SD's shapes: G = 32, C = 320 .. 2560 (C/G = 10 .. 80 channels per group), H*W = 8^2 .. 128^2, so a group holds from
 640 to over a million values, and there are only N * 32 groups (32 or 64): one program per group cannot fill a GPU
 with 132 SMs. We therefore use a *split reduction*:
