@@ -137,6 +137,23 @@ def test_group_norm_pass_fuses_silu_where_it_follows(tiny):
     assert all(torch.equal(new[k], ref[k]) for k in ref)
 
 
+def test_time_act_stays_per_block_outside_sd_blocks():
+    # A UNet with a block type SD does not use (here the plain UNetMidBlock2D) keeps the SiLU in each resnet: the
+    # hoist is made only where every block is one of SD's, whose resnets are the embedding's only consumers (other
+    # blocks may feed it raw to AdaGroupNorm and the like). Here hoisting would happen to be right; the rule is by
+    # block type. Either way the result equals stock.
+    from diffusers import UNet2DConditionModel
+
+    from sdrt.specs import TINY_UNET
+
+    torch.manual_seed(0)
+    stock = UNet2DConditionModel(**dict(TINY_UNET, mid_block_type="UNetMidBlock2D")).eval()
+    fast = passes.use_sdrt_group_norm(copy.deepcopy(stock), kernel=False)
+    assert fast.time_embed_act is None and not any(getattr(m, "skip_time_act", False) for m in fast.modules())
+    x, t, e = _unet_inputs()
+    torch.testing.assert_close(_run_unet(fast, x, t, e), _run_unet(stock, x, t, e), atol=ATOL, rtol=0)
+
+
 def test_channels_last_pass_keeps_transformer_outputs_nhwc(tiny):
     # Stock Transformer2DModel returns an NCHW copy (.contiguous()) of its NHWC result; after the pass it returns
     # the NHWC tensor itself, equal in value.
