@@ -49,9 +49,9 @@ class CapturedCall:
         return tree_map(lambda t: t.clone(), self.out)  # the next replay overwrites self.out
 
 
-def signature(*tensors: torch.Tensor) -> tuple:
-    """What a recorded call is specialised on: each input's shape and dtype."""
-    return tuple((tuple(t.shape), t.dtype) for t in tensors)
+def signature(*tensors: torch.Tensor | None) -> tuple:
+    """What a recorded call is specialised on: each input's shape and dtype (None for an absent one)."""
+    return tuple(None if t is None else (tuple(t.shape), t.dtype) for t in tensors)
 
 
 class GraphCache:
@@ -63,9 +63,6 @@ class GraphCache:
 
     def __len__(self) -> int:
         return len(self.entries)
-
-    def __contains__(self, key) -> bool:
-        return key in self.entries
 
     def __iter__(self):  # keys, least recently used first
         return iter(self.entries)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from sdrt import schedulers
-from sdrt.graphs import capture
+from sdrt.graphs import capture, signature
 from sdrt.schedulers import Schedule
 
 
@@ -54,12 +54,8 @@ def bucket_key(latents, embeds, sched: Schedule, text_embeds=None, time_ids=None
     """What a captured graph is specialised on: shapes, dtypes, and the schedule's layout (not its values, which are
     copied into the graph's buffers on every call; the guidance scale is a buffer too)."""
 
-    def sig(t):
-        return None if t is None else (tuple(t.shape), t.dtype)
-
-    tables = tuple(sig(getattr(sched, f.name)) for f in fields(sched) if isinstance(getattr(sched, f.name), Tensor))
-    return (sched.name, sched.num_steps, sched.clip, tables, sig(latents), sig(embeds), sig(text_embeds),
-            sig(time_ids), sig(noise))
+    tables = signature(*(t for _, t in _tables(sched)))
+    return (sched.name, sched.num_steps, sched.clip, tables, *signature(latents, embeds, text_embeds, time_ids, noise))
 
 
 class CapturedLoop:

@@ -54,18 +54,10 @@ def measure(geglu, name: str, m: int, f: int, on_cuda: bool, copy: float | None)
     """One row: sdrt.kernels' geglu and eager torch on one (M, 2F) input."""
     h = torch.randn(m, 2 * f, device="cuda" if on_cuda else "cpu", dtype=torch.float16)
     err = (geglu(h).float() - torch_geglu(h).float()).abs().max().item()
-    hs = harness.cold_copies(h, on_cuda)
-    ms = harness.time_cold_ms(geglu, hs, on_cuda)
-    warm_ms, launch_ms = harness.time_ms(lambda: geglu(h), on_cuda)
-    torch_ms = harness.time_cold_ms(torch_geglu, hs, on_cuda)
-    nbytes = 3 * m * f * h.element_size()
-    gbps = nbytes / ms * 1e-6
-    return {
-        "kernel": "geglu", "name": name, "M": m, "F": f, "dtype": "fp16",
-        "ms": ms, "gbps": gbps, "pct_copy": 100 * gbps / copy if copy else None, "warm_ms": warm_ms,
-        "torch_ms": torch_ms, "torch_gbps": nbytes / torch_ms * 1e-6, "speedup": torch_ms / ms, "launch_ms": launch_ms,
-        "max_abs_err": err, "copy_gbps": copy, "device": harness.device_name(on_cuda),
-    }
+    times = harness.versus_eager(geglu, torch_geglu, harness.cold_copies(h, on_cuda), 3 * m * f * h.element_size(),
+                                 on_cuda, copy)
+    return {"kernel": "geglu", "name": name, "M": m, "F": f, "dtype": "fp16", **times,
+            "max_abs_err": err, "copy_gbps": copy, "device": harness.device_name(on_cuda)}
 
 
 def run(dry_run: bool) -> list[dict]:

@@ -63,18 +63,12 @@ def measure(add_layer_norm, name: str, m: int, c: int, on_cuda: bool, copy: floa
     s, y = add_layer_norm(xr[0], xr[1], weight, bias)
     s_ref, y_ref = torch_add_layer_norm(xr[0], xr[1], weight, bias)
     err = (y.float() - y_ref.float()).abs().max().item()
-    xrs = harness.cold_copies(xr, on_cuda)
-    ms = harness.time_cold_ms(lambda t: add_layer_norm(t[0], t[1], weight, bias), xrs, on_cuda)
-    warm_ms, launch_ms = harness.time_ms(lambda: add_layer_norm(xr[0], xr[1], weight, bias), on_cuda)
-    torch_ms = harness.time_cold_ms(lambda t: torch_add_layer_norm(t[0], t[1], weight, bias), xrs, on_cuda)
-    nbytes = 4 * m * c * xr.element_size()
-    gbps = nbytes / ms * 1e-6
-    return {
-        "kernel": "add_layer_norm", "name": name, "M": m, "C": c, "dtype": "fp16",
-        "ms": ms, "gbps": gbps, "pct_copy": 100 * gbps / copy if copy else None, "warm_ms": warm_ms,
-        "torch_ms": torch_ms, "torch_gbps": nbytes / torch_ms * 1e-6, "speedup": torch_ms / ms, "launch_ms": launch_ms,
-        "max_abs_err": err, "s_exact": torch.equal(s, s_ref), "copy_gbps": copy, "device": harness.device_name(on_cuda),
-    }
+    times = harness.versus_eager(lambda t: add_layer_norm(t[0], t[1], weight, bias),
+                                 lambda t: torch_add_layer_norm(t[0], t[1], weight, bias),
+                                 harness.cold_copies(xr, on_cuda), 4 * m * c * xr.element_size(), on_cuda, copy)
+    return {"kernel": "add_layer_norm", "name": name, "M": m, "C": c, "dtype": "fp16", **times,
+            "max_abs_err": err, "s_exact": torch.equal(s, s_ref), "copy_gbps": copy,
+            "device": harness.device_name(on_cuda)}
 
 
 def run(dry_run: bool) -> list[dict]:

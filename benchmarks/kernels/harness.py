@@ -67,6 +67,19 @@ def time_cold_ms(fn, inputs: list, on_cuda: bool) -> float:
         inputs)
 
 
+def versus_eager(ours, eager, inputs: list, nbytes: int, on_cuda: bool, copy: float | None) -> dict:
+    """The columns every elementwise-kernel row shares: ours(input) and eager(input) timed cold over `inputs`
+    (cold_copies), ours warm on inputs[0] and launched, GB/s counting `nbytes` (what any implementation must move)
+    for both, pct_copy against copy_gbps."""
+    ms = time_cold_ms(ours, inputs, on_cuda)
+    warm_ms, launch_ms = time_ms(lambda: ours(inputs[0]), on_cuda)
+    torch_ms = time_cold_ms(eager, inputs, on_cuda)
+    gbps = nbytes / ms * 1e-6
+    return {"ms": ms, "gbps": gbps, "pct_copy": 100 * gbps / copy if copy else None, "warm_ms": warm_ms,
+            "torch_ms": torch_ms, "torch_gbps": nbytes / torch_ms * 1e-6, "speedup": torch_ms / ms,
+            "launch_ms": launch_ms}
+
+
 def copy_gbps(on_cuda: bool, nbytes: int = 1 << 30) -> float | None:
     """The memory ceiling measured now, on this device: a device-to-device copy of nbytes, counting bytes read plus
     bytes written (what METHOD.md calls the copy bandwidth). None on a CPU."""
