@@ -8,7 +8,8 @@ its bytes read + written, and sdrt's Triton kernels as single ops ("sdrt.group_n
 traffic of each kernel: cuDNN and cuBLAS re-read tiles, and a small kernel costs its launch (~2-5 us on an H100,
 even inside a CUDA graph) more than its bytes, so the kernel count matters as much as the bytes for the elementwise
 rows. It is a model, not a measurement: use it to see what a pass removed, and `make gpu-suite` for what that is
-worth.
+worth. sdrt's UNet step is counted as the denoising loop runs it after the first step, with the text's K/V
+projections already done (sdrt.blocks.text_kv_once).
 
     python benchmarks/op_census.py [--model sd15] [--size 512] [--batch 2] [--vae]
 """
@@ -28,6 +29,7 @@ from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sdrt import passes  # noqa: E402
+from sdrt.blocks import text_kv_once  # noqa: E402
 from sdrt.specs import PRESETS  # noqa: E402
 
 FREE = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided", "detach", "alias", "lift_fresh"}
@@ -109,22 +111,35 @@ def optimize(m, kernel: bool = True):
 
 
 def run(m, size: int, batch: int, vae: bool, channels_last: bool, kernels: bool = False) -> Census:
-    """One UNet call (batch rows: 2 = one image with guidance) or one VAE decode of batch latents, on meta."""
+    """One UNet call (batch rows: 2 = one image with guidance) or one VAE decode of batch latents, on meta. With
+    kernels (sdrt's model), the UNet call is a step of the denoising loop after its first: inside the loop's
+    text_kv_once scope, where the text's K/V projections ran once, in step 1 (not counted)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    c = Census()
     x = torch.empty(batch, 4, size // 8, size // 8, device="meta", dtype=torch.half).contiguous(memory_format=fmt)
+    if vae:
+        return _count(lambda: m.decode(x), kernels)
+    cfg = m.config
+    kw = {}
+    if cfg.addition_embed_type == "text_time":  # SDXL: pooled text (1280) + 6 time ids
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        kw["added_cond_kwargs"] = {"text_embeds": torch.empty(batch, pooled, device="meta", dtype=torch.half),
+                                   "time_ids": torch.empty(batch, 6, device="meta", dtype=torch.half)}
+    text = torch.empty(batch, 77, cfg.cross_attention_dim, device="meta", dtype=torch.half)
+
+    def step():
+        m(x, torch.empty(batch, device="meta"), text, **kw)
+
+    if not kernels:
+        return _count(step, kernels)
+    with text_kv_once():
+        _count(step, kernels)
+        return _count(step, kernels)
+
+
+def _count(fn, kernels: bool) -> Census:
+    c = Census()
     with torch.inference_mode(), c, (sdrt_kernels_as_ops(c) if kernels else contextlib.nullcontext()):
-        if vae:
-            m.decode(x)
-        else:
-            cfg = m.config
-            kw = {}
-            if cfg.addition_embed_type == "text_time":  # SDXL: pooled text (1280) + 6 time ids
-                pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-                kw["added_cond_kwargs"] = {"text_embeds": torch.empty(batch, pooled, device="meta", dtype=torch.half),
-                                           "time_ids": torch.empty(batch, 6, device="meta", dtype=torch.half)}
-            m(x, torch.empty(batch, device="meta"),
-              torch.empty(batch, 77, cfg.cross_attention_dim, device="meta", dtype=torch.half), **kw)
+        fn()
     return c
 
 

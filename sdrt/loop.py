@@ -3,7 +3,9 @@
 `denoise_loop` is the pipeline's loop (scale input, UNet on [uncond; cond], guidance combine, scheduler step) with
 every per-step quantity read from device tensors: the schedule's coefficient tables (sdrt.schedulers, indexed by a
 Python int, i.e. a view, no copy), the guidance scale and the pre-drawn per-step noise. Nothing in it reads a value
-back to the host, so on a GPU it can be recorded once and replayed:
+back to the host, so on a GPU it can be recorded once and replayed. What does not change from step to step is
+computed once: sdrt's cross-attention layers project the text conditioning to K/V in the first step and reuse them
+(sdrt.blocks.text_kv_once; diffusers' own processors are unaffected).
 
     CapturedLoop  static input buffers (latents, text conditioning, schedule tables, guidance, noise) -> one
                   torch.cuda.CUDAGraph holding all S steps unrolled (S UNet calls, S scheduler steps) -> static output.
@@ -23,6 +25,7 @@ import torch
 from torch import Tensor
 
 from sdrt import schedulers
+from sdrt.blocks import text_kv_once
 from sdrt.graphs import capture, signature
 from sdrt.schedulers import Schedule
 
@@ -39,14 +42,15 @@ def denoise_loop(unet, latents: Tensor, embeds: Tensor, sched: Schedule, guidanc
     """
     cfg = embeds.shape[0] == 2 * latents.shape[0]
     state = schedulers.init_state(sched, latents)
-    for i in range(sched.num_steps):  # unrolled: i is a Python int, the tables are indexed on the device
-        x_in = schedulers.scale_input(sched, torch.cat([latents] * 2) if cfg else latents, i)
-        timestep = sched.timesteps[i].to(torch.float32).expand(x_in.shape[0])  # (B,) as the ONNX contract
-        pred = unet(x_in, timestep, embeds, text_embeds, time_ids).float()
-        if cfg:
-            uncond, cond = pred.chunk(2)
-            pred = uncond + guidance * (cond - uncond)
-        latents, state = schedulers.step(sched, i, pred, latents, state, None if noise is None else noise[i])
+    with text_kv_once():  # every step passes the same `embeds`: sdrt's cross-attention projects it once
+        for i in range(sched.num_steps):  # unrolled: i is a Python int, the tables are indexed on the device
+            x_in = schedulers.scale_input(sched, torch.cat([latents] * 2) if cfg else latents, i)
+            timestep = sched.timesteps[i].to(torch.float32).expand(x_in.shape[0])  # (B,) as the ONNX contract
+            pred = unet(x_in, timestep, embeds, text_embeds, time_ids).float()
+            if cfg:
+                uncond, cond = pred.chunk(2)
+                pred = uncond + guidance * (cond - uncond)
+            latents, state = schedulers.step(sched, i, pred, latents, state, None if noise is None else noise[i])
     return latents
 
 

@@ -186,6 +186,29 @@ def test_fused_projections_share_weights(tiny):
     torch.testing.assert_close(_run_unet(unet, x, t, e), ref, atol=ATOL, rtol=0)
 
 
+def test_text_kv_is_projected_once_per_tensor_in_scope(tiny):
+    # text_kv_once (the denoising loop's scope): the K/V of one text tensor are computed once for the calls that
+    # follow with it, and a different tensor (another prompt) or a call outside the scope projects again.
+    unet = passes.use_sdrt_attention(copy.deepcopy(tiny.unet), kernel=False)
+    cross = [m for m in _attention_layers(unet) if m.is_cross_attention]
+    calls = []
+    for m in cross:
+        m.to_kv.register_forward_hook(lambda *a: calls.append(1))
+    x, t, e = _unet_inputs()
+    e2 = e.flip(0)
+    refs = [_run_unet(unet, x, t, e), _run_unet(unet, 0.5 * x, t.flip(0), e), _run_unet(unet, x, t, e2)]
+    assert len(calls) == 3 * len(cross) > 0
+    calls.clear()
+    with blocks.text_kv_once():
+        outs = [_run_unet(unet, x, t, e), _run_unet(unet, 0.5 * x, t.flip(0), e), _run_unet(unet, x, t, e2),
+                _run_unet(unet, x, t, e)]
+    assert len(calls) == 3 * len(cross)  # e, reused, e2, e again (a layer keeps the latest tensor's K/V only)
+    for out, ref in zip(outs, refs + refs[:1]):
+        torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    _run_unet(unet, x, t, e)
+    assert len(calls) == 4 * len(cross)  # the scope is over: nothing kept
+
+
 def test_geglu_pass(tiny):
     from diffusers.models.activations import GEGLU
 
@@ -270,4 +293,6 @@ def test_passes_remove_kernels_from_the_sd15_step():
     assert n(stock, "mul") - n(fast, "mul") == 16
     # transformer blocks: the residual adds after attn1 and attn2 fused into the LayerNorms that follow them
     assert n(fast, "sdrt.add_layer_norm") == 32 and n(stock, "layer_norm") - n(fast, "layer_norm") == 32
-    assert n(stock, "conv2d") == n(fast, "conv2d") and n(fast, "linear") == n(stock, "linear") - 48  # fused QKV, KV
+    # fused QKV (32 self-attention layers: 3 GEMMs -> 1), fused KV (16 cross-attention: 2 -> 1), and the text's K/V
+    # projected in the loop's first step only (16 -> 0 in the steps after it)
+    assert n(stock, "conv2d") == n(fast, "conv2d") and n(fast, "linear") == n(stock, "linear") - 64

@@ -77,7 +77,12 @@ def test_denoise_matches_eager_pipeline(tiny, eager, scheduler):
     request = GenerationRequest("a red cube", steps=STEPS, scheduler=scheduler, seed=7, guidance=6.0)
     ref = eager.generate(request)
     inputs = _loop_inputs(eager, request)
+    projections = []  # the text's K/V: projected in the loop's first step, reused by the STEPS - 1 others
+    cross = [m.to_kv for m in backend.unet_module.modules() if hasattr(m, "to_kv")]
+    for m in cross:
+        m.register_forward_hook(lambda *a: projections.append(1))
     latents = backend.denoise(**inputs)
+    assert len(projections) == len(cross) > 0
     torch.testing.assert_close(latents, ref.latents, atol=LATENT_ATOL, rtol=0)
     assert _psnr(_pixels(backend, latents, eager.info.vae_scale), ref.pixels) >= 40.0
     # the device loop itself is the pipeline's loop op for op: over the eager UNet it is bit-exact
