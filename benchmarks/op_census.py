@@ -2,14 +2,14 @@
 torch backend's passes. No weights and no GPU: the models are built on PyTorch's meta device, so a full SD 1.5 UNet
 at 512^2 takes a second here.
 
-What it counts: every aten op that writes new memory (views, and empty tensors, launch nothing), by op name, with
-its bytes read + written, and sdrt's Triton kernels as single ops ("sdrt.group_norm", "sdrt.attention",
-"sdrt.geglu", "sdrt.add_layer_norm"; GroupNorm counted as it runs, x read twice). Those bytes are the *minimum*
-traffic of each kernel: cuDNN and cuBLAS re-read tiles, and a small kernel costs its launch (~2-5 us on an H100,
-even inside a CUDA graph) more than its bytes, so the kernel count matters as much as the bytes for the elementwise
-rows. It is a model, not a measurement: use it to see what a pass removed, and `make gpu-suite` for what that is
-worth. sdrt's UNet step is counted as the denoising loop runs it after the first step, with the text's K/V
-projections already done (sdrt.blocks.text_kv_once).
+What it counts: every aten op that writes new memory or writes in place (views, and empty tensors, launch nothing),
+by op name, with its bytes read + written, and sdrt's Triton kernels as single ops ("sdrt.group_norm",
+"sdrt.attention", "sdrt.geglu", "sdrt.add_layer_norm"; GroupNorm counted as it runs, x read twice). Those bytes are
+the *minimum* traffic of each kernel: cuDNN and cuBLAS re-read tiles, and a small kernel costs its launch (~2-5 us
+on an H100, even inside a CUDA graph) more than its bytes, so the kernel count matters as much as the bytes for the
+elementwise rows. It is a model, not a measurement: use it to see what a pass removed, and `make gpu-suite` for
+what that is worth. sdrt's UNet step is counted as the denoising loop runs it after the first step, with the text's
+K/V projections already done (sdrt.blocks.text_kv_once).
 
     python benchmarks/op_census.py [--model sd15] [--size 512] [--batch 2] [--vae]
 """
@@ -40,7 +40,8 @@ def _nbytes(ts) -> int:
 
 
 class Census(TorchDispatchMode):
-    """Records (op, bytes read + written, output shape) for every op that writes memory no input owns."""
+    """Records (op, bytes read + written, output shape) for every op that writes memory no input owns, and every
+    in-place op (aten's trailing _)."""
 
     def __init__(self):
         super().__init__()
@@ -54,7 +55,8 @@ class Census(TorchDispatchMode):
         name = func.overloadpacket.__name__
         ins = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
         owned = {t.untyped_storage()._cdata for t in ins}
-        outs = [o for o in tree_leaves(out) if isinstance(o, torch.Tensor) and o.untyped_storage()._cdata not in owned]
+        outs = [o for o in tree_leaves(out) if isinstance(o, torch.Tensor)
+                and (o.untyped_storage()._cdata not in owned or name.endswith("_"))]  # in place (addmm_): counted
         if outs and name not in FREE:
             self.record(name, _nbytes(ins) + _nbytes(outs), tuple(outs[0].shape))
         return out
@@ -78,7 +80,7 @@ def sdrt_kernels_as_ops(census: Census):
         census.record("sdrt.geglu", _nbytes([h, y]), tuple(y.shape))
         return y
 
-    def add_layer_norm(x, residual, weight, bias, eps=1e-5):
+    def add_layer_norm(x, residual, weight, bias, eps=1e-5, *, s_bias=None):
         s, y = torch.empty_like(x), torch.empty_like(x)
         census.record("sdrt.add_layer_norm", _nbytes([x, residual, s, y]), tuple(x.shape))
         return s, y

@@ -77,9 +77,10 @@ def _launch_config(C: int) -> tuple[int, int, int]:
 
 @triton.jit
 def _add_layer_norm_kernel(
-    X, R, S, Y, W, B,  # X, R: (M, C) rows of strides stride_xm, stride_rm, last dim contiguous; S, Y: (M, C) contiguous
-    M, C, stride_xm, stride_rm, eps,
+    X, R, S, Y, W, B, SB,  # X, R: (M, C) rows of strides stride_xm, stride_rm, last dim contiguous; S, Y: (M, C)
+    M, C, stride_xm, stride_rm, eps,  # contiguous; W, B, SB: (C,)
     HAS_RESIDUAL: tl.constexpr,  # else s is x itself and S is not written
+    HAS_S_BIAS: tl.constexpr,  # S gets s + s_bias (with a residual only)
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -95,7 +96,11 @@ def _add_layer_norm_kernel(
     if HAS_RESIDUAL:
         r = tl.load(R + rows[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0)
         s = (s.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)  # rounded once, as eager's add
-        tl.store(S + rows[:, None] * C + cols[None, :], s, mask=mask)
+        s_out = s
+        if HAS_S_BIAS:  # a second rounded add, as eager's (x + residual) + s_bias
+            s_out = (s.to(tl.float32) + tl.load(SB + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :])
+            s_out = s_out.to(X.dtype.element_ty)
+        tl.store(S + rows[:, None] * C + cols[None, :], s_out, mask=mask)
     s = s.to(tl.float32)  # the statistics of s as stored; masked lanes are 0
 
     mean = tl.sum(s, axis=1) / C  # (BLOCK_M,)
@@ -109,7 +114,7 @@ def _add_layer_norm_kernel(
     tl.store(Y + rows[:, None] * C + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
-def _check_inputs(x, residual, weight, bias) -> None:
+def _check_inputs(x, residual, weight, bias, s_bias=None) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"add_layer_norm: x must be a tensor of rank >= 1 (..., C), got {shape}")
@@ -129,7 +134,11 @@ def _check_inputs(x, residual, weight, bias) -> None:
     for name, t in (("x", x), ("residual", residual)):
         if t is not None and C > 1 and t.stride(-1) != 1:
             raise ValueError(f"add_layer_norm: {name}'s last dim must be contiguous (stride 1), got {t.stride(-1)}")
-    for name, p in (("weight", weight), ("bias", bias)):
+    if s_bias is not None and residual is None:
+        raise ValueError("add_layer_norm: s_bias needs a residual (without one, s is x itself and is not written)")
+    if isinstance(s_bias, torch.Tensor) and s_bias.dtype != x.dtype:  # s's second add is in s's dtype, as eager's
+        raise ValueError(f"add_layer_norm: s_bias has dtype {s_bias.dtype} but x has {x.dtype}")
+    for name, p in (("weight", weight), ("bias", bias), ("s_bias", s_bias)):
         if p is None:
             continue
         if not isinstance(p, torch.Tensor) or p.shape != (C,):
@@ -147,6 +156,8 @@ def add_layer_norm(
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     eps: float = 1e-5,
+    *,
+    s_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, y): s = x + residual in the inputs' dtype, y = F.layer_norm(s, (C,), weight, bias, eps), statistics in
     fp32 from s as stored.
@@ -154,8 +165,13 @@ def add_layer_norm(
     x, residual: (..., C), same shape and dtype (fp16/bf16/fp32), last dim contiguous. residual None: plain
     LayerNorm, s is x itself (returned as given, nothing written). weight, bias: (C,) or None. s (when computed) and
     y are contiguous tensors of x's dtype.
+
+    s_bias (C,) or None, with a residual only: the s returned is (x + residual) + s_bias, each add rounded as eager's,
+    while y stays the norm of x + residual. It carries the bias of a later GEMM that accumulates into s in place
+    (`s.addmm_(h, w.t())`, beta = 1): TransformerBlock's feed-forward output and its residual add, one GEMM instead
+    of a GEMM with a bias epilogue and an add kernel.
     """
-    _check_inputs(x, residual, weight, bias)
+    _check_inputs(x, residual, weight, bias, s_bias)
     s = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else x
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if y.numel() == 0:
@@ -165,23 +181,25 @@ def add_layer_norm(
     r_in = residual if residual is None or _row_stride(residual) is not None else residual.contiguous()
     weight = weight.contiguous() if weight is not None else None
     bias = bias.contiguous() if bias is not None else None
-    for kernel, grid, args, kwargs in launches(x_in, r_in, s, y, weight, bias, eps):
+    s_bias = s_bias.contiguous() if s_bias is not None else None
+    for kernel, grid, args, kwargs in launches(x_in, r_in, s, y, weight, bias, eps, s_bias):
         kernel[grid](*args, **kwargs)
     return s, y
 
 
-def launches(x, residual, s, y, weight, bias, eps: float) -> list[tuple]:
+def launches(x, residual, s, y, weight, bias, eps: float, s_bias=None) -> list[tuple]:
     """The (kernel, grid, args, kwargs) launch of add_layer_norm; tools compile it without a GPU
     (benchmarks/kernels/sm90_report.py). x, residual (or None): (..., C) whose leading dims flatten into rows; s, y
-    contiguous like x; weight, bias contiguous (C,) or None."""
+    contiguous like x; weight, bias, s_bias contiguous (C,) or None."""
     C = x.shape[-1]
     m = y.numel() // C
     block_m, block_c, num_warps = _launch_config(C)
     args = (x, residual if residual is not None else x, s, y,  # dummy pointers are never read: HAS_* is False
-            weight if weight is not None else y, bias if bias is not None else y,
+            weight if weight is not None else y, bias if bias is not None else y, s_bias if s_bias is not None else y,
             m, C, _row_stride(x), _row_stride(residual) if residual is not None else 0, float(eps))
     return [(_add_layer_norm_kernel, (triton.cdiv(m, block_m),), args,
-             {"HAS_RESIDUAL": residual is not None, "HAS_WEIGHT": weight is not None, "HAS_BIAS": bias is not None,
+             {"HAS_RESIDUAL": residual is not None, "HAS_S_BIAS": s_bias is not None,
+              "HAS_WEIGHT": weight is not None, "HAS_BIAS": bias is not None,
               "BLOCK_M": block_m, "BLOCK_C": block_c, "num_warps": num_warps})]
 
 
@@ -191,10 +209,13 @@ def add_layer_norm_ref(
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     eps: float = 1e-5,
+    *,
+    s_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, y) in plain PyTorch: s = x + residual in x's dtype (x when residual is None), y = F.layer_norm of s.float()
-    with fp32 weight and bias, cast back to x's dtype."""
+    with fp32 weight and bias, cast back to x's dtype; then s + s_bias returned as s when s_bias is given."""
     s = x + residual if residual is not None else x
     w = weight.float() if weight is not None else None
     b = bias.float() if bias is not None else None
-    return s, F.layer_norm(s.float(), (x.shape[-1],), w, b, eps).to(x.dtype)
+    y = F.layer_norm(s.float(), (x.shape[-1],), w, b, eps).to(x.dtype)
+    return (s if s_bias is None else s + s_bias), y

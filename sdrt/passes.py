@@ -16,7 +16,8 @@ model loaded in the same process stays stock. They compose in any order; the tor
   use_sdrt_geglu       diffusers' GEGLU feed-forward activation -> GegluAct: the chunk, GELU and product in one
                        sdrt.kernels.geglu call.
   use_sdrt_transformer_blocks   SD's BasicTransformerBlock -> TransformerBlock: each residual add fused into the
-                       LayerNorm that follows it (sdrt.kernels.add_layer_norm).
+                       LayerNorm that follows it (sdrt.kernels.add_layer_norm), the feed-forward's into its output
+                       GEMM.
   to_channels_last     NHWC weights: cuDNN's fastest convolutions, and copy-free (B, HW, C) views for attention;
                        Transformer2DModel outputs stay NHWC (no NCHW copy per transformer).
   to_precision         one dtype for every parameter.
@@ -145,11 +146,15 @@ def use_sdrt_transformer_blocks(model: nn.Module, kernel: bool = True) -> nn.Mod
 
 def _plain_transformer_block(m) -> bool:
     # What TransformerBlock computes: LayerNorms (not ada*/i2vgen), no positional embedding, no GLIGEN fuser, no
-    # feed-forward chunking, self-attention in attn1 (only_cross_attention would feed it the text).
+    # feed-forward chunking, self-attention in attn1 (only_cross_attention would feed it the text), and a
+    # feed-forward of activation (projection in), dropout, nn.Linear out (no final dropout).
+    from diffusers.models.attention import FeedForward
+
     return (m.norm_type == "layer_norm" and m.pos_embed is None and not hasattr(m, "fuser")
             and m._chunk_size is None and not m.only_cross_attention
             and all(type(n) is nn.LayerNorm for n in (m.norm1, m.norm2, m.norm3) if n is not None)
-            and m.norm3 is not None)
+            and m.norm3 is not None
+            and type(m.ff) is FeedForward and len(m.ff.net) == 3 and type(m.ff.net[2]) is nn.Linear)
 
 
 # ---- GroupNorm (+ SiLU) ----------------------------------------------------------------------------------------

@@ -129,10 +129,12 @@ def layer_norm_rows(shapes=LAYER_NORM_SHAPES) -> list[dict]:
         seen.add(C)
         x = torch.empty(M, C, dtype=torch.float16)
         w = torch.empty(C, dtype=torch.float16)
-        for kernel, grid, args, kwargs in ln.launches(x, x, torch.empty_like(x), torch.empty_like(x), w, w, 1e-5):
-            rows.append({"kernel": "add_layer_norm", "shape": name, "C": C, "grid": "x".join(map(str, grid)),
-                         "block": f"{kwargs['BLOCK_M']}x{kwargs['BLOCK_C']} w{kwargs['num_warps']}",
-                         **resources(compile_launch(kernel, args, kwargs))})
+        for s_bias in (None, w):  # norm2's launch, and norm3's (the feed-forward's bias carried into s)
+            for kernel, grid, args, kwargs in ln.launches(x, x, torch.empty_like(x), torch.empty_like(x), w, w, 1e-5,
+                                                          s_bias):
+                rows.append({"kernel": "add_layer_norm", "shape": name, "C": C, "grid": "x".join(map(str, grid)),
+                             "block": f"{kwargs['BLOCK_M']}x{kwargs['BLOCK_C']} w{kwargs['num_warps']}",
+                             "s_bias": s_bias is not None, **resources(compile_launch(kernel, args, kwargs))})
     return rows
 
 

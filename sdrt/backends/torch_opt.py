@@ -2,12 +2,12 @@
 
     UNet, VAE   to_precision -> use_sdrt_attention (fused QKV, Triton flash attention) -> use_sdrt_group_norm (Triton
                 GroupNorm with SiLU and the time-embedding add fused, lean resnet blocks) -> use_sdrt_geglu (Triton
-                GEGLU) -> use_sdrt_transformer_blocks (residual adds fused into LayerNorms) -> to_channels_last (and
-                NHWC transformer outputs); inputs are made channels-last at each verb.
+                GEGLU) -> use_sdrt_transformer_blocks (residual adds fused into LayerNorms, GEMMs) ->
+                to_channels_last (and NHWC transformer outputs); inputs are made channels-last at each verb.
     denoise     an extra verb: the pipeline hands it the whole loop (UNet, guidance, scheduler step, every step). On
                 CUDA it is captured once per bucket (batch, resolution, steps, scheduler) and replayed
                 (sdrt.loop.CapturedLoop), keeping the TorchOptions.max_graphs most recently used buckets; on CPU
-                the same code runs uncaptured.
+                the same code runs uncaptured. The text's K/V projections run in its first step only.
     text encoders, vae_decoder, vae_encoder: the eager modules (text encoders without passes: once per image), on
                 CUDA each recorded per input shape (sdrt.graphs.CapturedCall), so the host's launch cost drops out
                 of them too. A verb whose capture fails (a module that syncs with the host) warns once and runs

@@ -101,6 +101,33 @@ def test_add_layer_norm_strided_rows(dtype, atol, rtol):
     _check(x.transpose(0, 1), residual.transpose(0, 1), weight, bias, atol, rtol)
 
 
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("lead, c", [pytest.param((37,), 320, id="37x320"), pytest.param((2, 9), 640, id="b2x9x640")])
+def test_add_layer_norm_s_bias(lead, c, dtype, atol, rtol):
+    # s_bias (the feed-forward output's bias, carried into the residual stream): s gets eager's two rounded adds,
+    # y is still the norm of x + residual alone.
+    x, residual, weight, bias = _inputs((*lead, c), dtype)
+    s_bias = (torch.randn(c, device=DEVICE) * 3).to(dtype)
+    s, y = add_layer_norm(x, residual, weight, bias, s_bias=s_bias)
+    total = _eager_sum(x, residual)
+    assert torch.equal(s, _eager_sum(total, s_bias.expand_as(total)))
+    torch.testing.assert_close(y, add_layer_norm_ref(total, None, weight, bias)[1], atol=atol, rtol=rtol)
+    ref_s, ref_y = add_layer_norm_ref(x, residual, weight, bias, s_bias=s_bias)
+    assert ref_s.dtype == dtype and torch.equal(ref_y, add_layer_norm_ref(x, residual, weight, bias)[1])
+    if not (INTERPRETED and dtype == torch.bfloat16):  # the interpreter truncates bf16 (see _eager_sum)
+        assert torch.equal(s, ref_s)
+
+
+def test_add_layer_norm_s_bias_errors():
+    x = torch.zeros(2, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="needs a residual"):
+        add_layer_norm(x, None, None, None, s_bias=torch.zeros(8, device=DEVICE))
+    with pytest.raises(ValueError, match="s_bias has dtype"):
+        add_layer_norm(x, x, None, None, s_bias=torch.zeros(8, device=DEVICE, dtype=torch.float16))
+    with pytest.raises(ValueError, match="s_bias must have shape"):
+        add_layer_norm(x, x, None, None, s_bias=torch.zeros(7, device=DEVICE))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_add_layer_norm_statistics_of_the_rounded_sum(dtype):
     # x = 1 plus residuals below half an ulp of 1 (2^-12 in fp16, 2^-10 in bf16): every s rounds to exactly 1, so

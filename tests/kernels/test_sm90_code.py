@@ -67,7 +67,7 @@ def test_attention_two_tile_head_dim_uses_tensor_cores(compiled):
 
 def test_elementwise_kernels_use_only_16_byte_accesses(compiled):
     # geglu at F = 1280 and add_layer_norm at C = 320 (5/8 of its 512 lanes used) and 1280: every access to the
-    # activations a 16-byte v4 (the scalar ones left are layer_norm's weight and bias vectors), and nothing spills.
+    # activations a 16-byte v4 (the narrower ones left are layer_norm's weight, bias and s_bias vectors), no spills.
     (g,) = compiled["geglu"]
     assert _widths(g["ld"])[1:] == (0, 0) and _widths(g["st"])[1:] == (0, 0) and g["stack"] == 0
     for r in compiled["layer_norm"]:
