@@ -8,8 +8,9 @@ by op name, with its bytes read + written, and sdrt's Triton kernels as single o
 the *minimum* traffic of each kernel: cuDNN and cuBLAS re-read tiles, and a small kernel costs its launch (~2-5 us
 on an H100, even inside a CUDA graph) more than its bytes, so the kernel count matters as much as the bytes for the
 elementwise rows. It is a model, not a measurement: use it to see what a pass removed, and `make gpu-suite` for
-what that is worth. sdrt's UNet step is counted as the denoising loop runs it after the first step, with the text's
-K/V projections already done (sdrt.blocks.text_kv_once).
+what that is worth. sdrt's UNet step is counted as the torch backend's denoising loop runs it after the first
+step: the time embeddings already computed for every step (sdrt.unet_step), the text's K/V already projected
+(text_kv_once).
 
     python benchmarks/op_census.py [--model sd15] [--size 512] [--batch 2] [--vae]
 """
@@ -28,8 +29,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sdrt import passes  # noqa: E402
-from sdrt.blocks import text_kv_once  # noqa: E402
+from sdrt import passes, unet_step  # noqa: E402
+from sdrt.blocks import StepEmbedding, text_kv_once  # noqa: E402
 from sdrt.specs import PRESETS  # noqa: E402
 
 FREE = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided", "detach", "alias", "lift_fresh"}
@@ -114,28 +115,28 @@ def optimize(m, kernel: bool = True):
 
 def run(m, size: int, batch: int, vae: bool, channels_last: bool, kernels: bool = False) -> Census:
     """One UNet call (batch rows: 2 = one image with guidance) or one VAE decode of batch latents, on meta. With
-    kernels (sdrt's model), the UNet call is a step of the denoising loop after its first: inside the loop's
-    text_kv_once scope, where the text's K/V projections ran once, in step 1 (not counted)."""
+    kernels (sdrt's model), the UNet call is a step of the torch backend's denoising loop after its first: the
+    time embeddings of all steps computed before it (sdrt.unet_step), and the text's K/V in step 1 (text_kv_once),
+    neither counted."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.empty(batch, 4, size // 8, size // 8, device="meta", dtype=torch.half).contiguous(memory_format=fmt)
     if vae:
         return _count(lambda: m.decode(x), kernels)
     cfg = m.config
-    kw = {}
+    added = {}
     if cfg.addition_embed_type == "text_time":  # SDXL: pooled text (1280) + 6 time ids
         pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-        kw["added_cond_kwargs"] = {"text_embeds": torch.empty(batch, pooled, device="meta", dtype=torch.half),
-                                   "time_ids": torch.empty(batch, 6, device="meta", dtype=torch.half)}
+        added = {"text_embeds": torch.empty(batch, pooled, device="meta", dtype=torch.half),
+                 "time_ids": torch.empty(batch, 6, device="meta", dtype=torch.half)}
     text = torch.empty(batch, 77, cfg.cross_attention_dim, device="meta", dtype=torch.half)
-
-    def step():
-        m(x, torch.empty(batch, device="meta"), text, **kw)
-
     if not kernels:
-        return _count(step, kernels)
+        return _count(lambda: m(x, torch.empty(batch, device="meta"), text, added_cond_kwargs=added or None), False)
+    assert unet_step.supports(m)
+    with torch.inference_mode():
+        adds = unet_step.time_adds(m, torch.empty(2, device="meta"), batch, **added)
     with text_kv_once():
-        _count(step, kernels)
-        return _count(step, kernels)
+        _count(lambda: unet_step.forward(m, x, StepEmbedding(adds, 0), text), True)
+        return _count(lambda: unet_step.forward(m, x, StepEmbedding(adds, 1), text), True)
 
 
 def _count(fn, kernels: bool) -> Census:

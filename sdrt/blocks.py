@@ -7,6 +7,7 @@ same names, so state dicts keep their keys.
 
     SdrtAttnProcessor   Attention: fused q/k/v projections, flash attention written token-major (no transposing copy)
     text_kv_once        a scope in which cross-attention projects the text to K/V once, not once a step
+    StepEmbedding       step i's time embedding, precomputed for every step: each ResnetBlock reads its row
     GroupNormAct        nn.GroupNorm (+ SiLU, + a per-channel add before the statistics) in one kernel
     ResnetBlock         ResnetBlock2D: both GroupNorm+SiLU fused, the time-embedding add folded into norm2
     GegluAct            GEGLU: chunk, GELU and product in one kernel
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -158,6 +160,23 @@ class GroupNormAct(nn.Module):
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, silu={self.silu}, kernel={self.kernel}"
 
 
+# The UNet blocks of SD 1.x, 2.x and XL: they hand the time embedding to their resnets and to nothing else.
+SD_BLOCK_TYPES = {"DownBlock2D", "CrossAttnDownBlock2D", "UNetMidBlock2DCrossAttn", "UpBlock2D", "CrossAttnUpBlock2D"}
+
+
+@dataclass(frozen=True, eq=False)
+class StepEmbedding:
+    """Step i's time embedding, precomputed with every other step's (sdrt.unet_step.time_adds): passed to the UNet's
+    blocks in place of the (B, C_temb) tensor, it gives each ResnetBlock its norm2 add as a row of its table."""
+
+    adds: dict  # ResnetBlock -> (S, B, C_out)
+    i: int
+
+    def add(self, block: nn.Module) -> torch.Tensor | None:
+        table = self.adds.get(block)
+        return None if table is None else table[self.i]  # (B, C_out), a view
+
+
 class ResnetBlock(nn.Module):
     """diffusers' ResnetBlock2D as SD 1/2/XL and their VAEs configure it (SiLU, the time embedding added before
     norm2), with its elementwise steps folded into the GroupNorm kernel:
@@ -180,8 +199,15 @@ class ResnetBlock(nn.Module):
         self.adds_temb = block.time_embedding_norm == "default"  # else temb is ignored, as ResnetBlock2D does
         self.in_channels, self.out_channels = block.in_channels, block.out_channels
 
-    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
-        # input_tensor (B, C_in, H, W); temb (B, C_temb) or None (the VAE)
+    def time_add(self, temb: torch.Tensor | None) -> torch.Tensor | None:
+        """temb (..., C_temb) -> what norm2 adds, (..., C_out): per sample and channel; None where nothing is."""
+        if not (self.adds_temb and self.time_emb_proj is not None and temb is not None):
+            return None
+        return self.time_emb_proj(temb if self.skip_time_act else F.silu(temb))
+
+    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | StepEmbedding | None = None, *args,
+                **kwargs) -> torch.Tensor:
+        # input_tensor (B, C_in, H, W); temb (B, C_temb), a StepEmbedding (sdrt.unet_step), or None (the VAE)
         h = self.norm1(input_tensor)
         if self.upsample is not None:
             if h.shape[0] >= 64:  # as diffusers: upsample_nearest_nhwc fails at large batches (diffusers#984)
@@ -190,9 +216,7 @@ class ResnetBlock(nn.Module):
         elif self.downsample is not None:
             input_tensor, h = self.downsample(input_tensor), self.downsample(h)
         h = self.conv1(h)
-        add = None
-        if self.adds_temb and self.time_emb_proj is not None and temb is not None:  # (B, C_out): per sample, channel
-            add = self.time_emb_proj(temb if self.skip_time_act else F.silu(temb))
+        add = temb.add(self) if isinstance(temb, StepEmbedding) else self.time_add(temb)  # (B, C_out) or None
         h = self.conv2(self.dropout(self.norm2(h, add)))
         if self.conv_shortcut is not None:
             input_tensor = self.conv_shortcut(input_tensor)

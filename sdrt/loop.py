@@ -5,7 +5,8 @@ every per-step quantity read from device tensors: the schedule's coefficient tab
 Python int, i.e. a view, no copy), the guidance scale and the pre-drawn per-step noise. Nothing in it reads a value
 back to the host, so on a GPU it can be recorded once and replayed. What does not change from step to step is
 computed once: sdrt's cross-attention layers project the text conditioning to K/V in the first step and reuse them
-(sdrt.blocks.text_kv_once; diffusers' own processors are unaffected).
+(sdrt.blocks.text_kv_once; diffusers' own processors are unaffected); the torch backend computes the time
+embeddings of all steps before the loop starts (sdrt.unet_step), and its UNet call reads them by the step index.
 
     CapturedLoop  static input buffers (latents, text conditioning, schedule tables, guidance, noise) -> one
                   torch.cuda.CUDAGraph holding all S steps unrolled (S UNet calls, S scheduler steps) -> static output.
@@ -34,7 +35,8 @@ def denoise_loop(unet, latents: Tensor, embeds: Tensor, sched: Schedule, guidanc
                  noise: Tensor | None = None) -> Tensor:
     """Run every step of `sched` from `latents`; returns the final latents (before / vae_scale).
 
-    unet(x, timestep, embeds, text_embeds, time_ids) -> prediction (fp32), the backend's UNet verb.
+    unet(i, x, timestep, embeds, text_embeds, time_ids) -> prediction (fp32): step i's UNet call, the backend's UNet
+    verb after the step index (which lets a UNet read what it precomputed for that step).
     latents (N, 4, h, w) fp32. embeds (2N, 77, C) rows [uncond; cond] for classifier-free guidance, or (N, 77, C)
     without it (the pipeline's rule: guidance > 1). guidance: float or 0-d device tensor. text_embeds (2N or N, P)
     and time_ids (2N or N, 6): SDXL only. noise (S, N, 4, h, w): z_i for every step of a stochastic schedule
@@ -46,7 +48,7 @@ def denoise_loop(unet, latents: Tensor, embeds: Tensor, sched: Schedule, guidanc
         for i in range(sched.num_steps):  # unrolled: i is a Python int, the tables are indexed on the device
             x_in = schedulers.scale_input(sched, torch.cat([latents] * 2) if cfg else latents, i)
             timestep = sched.timesteps[i].to(torch.float32).expand(x_in.shape[0])  # (B,) as the ONNX contract
-            pred = unet(x_in, timestep, embeds, text_embeds, time_ids).float()
+            pred = unet(i, x_in, timestep, embeds, text_embeds, time_ids).float()
             if cfg:
                 uncond, cond = pred.chunk(2)
                 pred = uncond + guidance * (cond - uncond)
@@ -63,14 +65,17 @@ def bucket_key(latents, embeds, sched: Schedule, text_embeds=None, time_ids=None
 
 
 class CapturedLoop:
-    """denoise_loop for one bucket, recorded once as a CUDA graph and replayed."""
+    """A denoising loop for one bucket, recorded once as a CUDA graph and replayed.
 
-    def __init__(self, unet, latents, embeds, sched: Schedule, guidance, text_embeds=None, time_ids=None,
+    loop(latents, embeds, sched, guidance, text_embeds, time_ids, noise) -> final latents: denoise_loop over the
+    backend's UNet, with whatever the backend computes once per loop ahead of the steps (recorded with them)."""
+
+    def __init__(self, loop, latents, embeds, sched: Schedule, guidance, text_embeds=None, time_ids=None,
                  noise=None):
         def clone(t):
             return None if t is None else t.clone()
 
-        self.unet = unet
+        self.loop = loop
         self.latents, self.embeds = clone(latents), clone(embeds)
         self.text_embeds, self.time_ids, self.noise = clone(text_embeds), clone(time_ids), clone(noise)
         self.sched = replace(sched, **{name: t.clone() for name, t in _tables(sched)})
@@ -78,8 +83,8 @@ class CapturedLoop:
         self.graph, self.out = capture(self._run)  # out lives in the graph's pool: overwritten by the next replay
 
     def _run(self) -> Tensor:
-        return denoise_loop(self.unet, self.latents, self.embeds, self.sched, self.guidance, self.text_embeds,
-                            self.time_ids, self.noise)
+        return self.loop(self.latents, self.embeds, self.sched, self.guidance, self.text_embeds, self.time_ids,
+                         self.noise)
 
     def __call__(self, latents, embeds, sched: Schedule, guidance, text_embeds=None, time_ids=None, noise=None):
         for dst, src in ((self.latents, latents), (self.embeds, embeds), (self.text_embeds, text_embeds),

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from sdrt.blocks import (
+    SD_BLOCK_TYPES,
     GegluAct,
     GroupNormAct,
     ResnetBlock,
@@ -182,9 +183,6 @@ def use_sdrt_group_norm(model: nn.Module, kernel: bool = True) -> nn.Module:
     return model
 
 
-_SD_BLOCKS = {"DownBlock2D", "CrossAttnDownBlock2D", "UNetMidBlock2DCrossAttn", "UpBlock2D", "CrossAttnUpBlock2D"}
-
-
 def _hoist_time_act(unet: nn.Module) -> None:
     """Every SD resnet block applies SiLU to the same time embedding before its projection: 22 identical (2, 1280)
     kernels a UNet step in SD 1.5 (~2 us each even inside a CUDA graph). Where the UNet has no activation of its own
@@ -195,7 +193,7 @@ def _hoist_time_act(unet: nn.Module) -> None:
     if type(unet) is not UNet2DConditionModel or unet.time_embed_act is not None:
         return
     cfg = unet.config  # SD's blocks hand the embedding to their resnets only (others, e.g. AdaGroupNorm, use it raw)
-    if not (set(cfg.down_block_types) | set(cfg.up_block_types) | {cfg.mid_block_type}) <= _SD_BLOCKS:
+    if not (set(cfg.down_block_types) | set(cfg.up_block_types) | {cfg.mid_block_type}) <= SD_BLOCK_TYPES:
         return
     consumers = [m for m in unet.modules() if hasattr(m, "time_emb_proj")]
     if not consumers or not all(isinstance(m, ResnetBlock) and not m.skip_time_act for m in consumers):

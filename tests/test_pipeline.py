@@ -155,7 +155,8 @@ class LoopBackend(CountingBackend):
         from sdrt.loop import denoise_loop
 
         self.noise = noise
-        return denoise_loop(self.unet, latents, embeds, sched, guidance, text_embeds, time_ids, noise)
+        return denoise_loop(lambda i, *a: self.unet(*a), latents, embeds, sched, guidance, text_embeds, time_ids,
+                            noise)
 
 
 @pytest.mark.parametrize("scheduler,guidance", [("euler-a", 7.5), ("lcm", 1.0), ("dpmpp-2m", 7.5)])

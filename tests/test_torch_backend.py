@@ -77,17 +77,22 @@ def test_denoise_matches_eager_pipeline(tiny, eager, scheduler):
     request = GenerationRequest("a red cube", steps=STEPS, scheduler=scheduler, seed=7, guidance=6.0)
     ref = eager.generate(request)
     inputs = _loop_inputs(eager, request)
-    projections = []  # the text's K/V: projected in the loop's first step, reused by the STEPS - 1 others
-    cross = [m.to_kv for m in backend.unet_module.modules() if hasattr(m, "to_kv")]
-    for m in cross:
-        m.register_forward_hook(lambda *a: projections.append(1))
+    # Computed once per loop, not once a step: the text's K/V (in the first step), and the time embedding with each
+    # resnet's projection of it (for all STEPS steps at once, before the first: sdrt.unet_step)
+    once = [m.to_kv for m in backend.unet_module.modules() if hasattr(m, "to_kv")]
+    once += [m.time_emb_proj for m in backend.unet_module.modules() if hasattr(m, "time_emb_proj")]
+    once.append(backend.unet_module.time_embedding)
+    calls = []
+    for m in once:
+        m.register_forward_hook(lambda *a: calls.append(1))
+    assert backend.step_forward
     latents = backend.denoise(**inputs)
-    assert len(projections) == len(cross) > 0
+    assert len(calls) == len(once) > 10
     torch.testing.assert_close(latents, ref.latents, atol=LATENT_ATOL, rtol=0)
     assert _psnr(_pixels(backend, latents, eager.info.vae_scale), ref.pixels) >= 40.0
     # the device loop itself is the pipeline's loop op for op: over the eager UNet it is bit-exact
     inputs["embeds"] = inputs.pop("encoder_hidden_states")
-    same = denoise_loop(lambda *a: eager.backend.unet(*a).float(), **inputs)
+    same = denoise_loop(lambda i, *a: eager.backend.unet(*a).float(), **inputs)
     torch.testing.assert_close(same, ref.latents, atol=0, rtol=0)
 
 
@@ -243,12 +248,12 @@ def test_captured_loops_are_capped_least_recent_first(tiny, eager, monkeypatch):
     captured = []
 
     class Loop:
-        def __init__(self, unet, **kw):
+        def __init__(self, loop, **kw):
             captured.append(kw["latents"].shape[-1])
-            self.unet = unet
+            self.loop = loop
 
         def __call__(self, **kw):
-            return denoise_loop(self.unet, **kw)
+            return self.loop(**kw)
 
     monkeypatch.setattr(torch_opt, "CapturedLoop", Loop)
     backend = TorchBackend(copy.deepcopy(tiny), device="cpu")

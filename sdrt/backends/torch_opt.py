@@ -7,7 +7,8 @@
     denoise     an extra verb: the pipeline hands it the whole loop (UNet, guidance, scheduler step, every step). On
                 CUDA it is captured once per bucket (batch, resolution, steps, scheduler) and replayed
                 (sdrt.loop.CapturedLoop), keeping the TorchOptions.max_graphs most recently used buckets; on CPU
-                the same code runs uncaptured. The text's K/V projections run in its first step only.
+                the same code runs uncaptured. The text's K/V projections run in its first step only, the time
+                embeddings of all steps before it (sdrt.unet_step).
     text encoders, vae_decoder, vae_encoder: the eager modules (text encoders without passes: once per image), on
                 CUDA each recorded per input shape (sdrt.graphs.CapturedCall), so the host's launch cost drops out
                 of them too. A verb whose capture fails (a module that syncs with the host) warns once and runs
@@ -28,9 +29,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from sdrt import passes
+from sdrt import passes, unet_step
 from sdrt.backends import Precision
 from sdrt.backends.eager import EagerBackend
+from sdrt.blocks import StepEmbedding
 from sdrt.errors import SdrtError
 from sdrt.graphs import CapturedCall, GraphCache, signature
 from sdrt.loop import CapturedLoop, bucket_key, denoise_loop
@@ -100,6 +102,8 @@ class TorchBackend(EagerBackend):
             passes.use_sdrt_transformer_blocks(m, kernel=o.kernels)
             if o.channels_last:
                 passes.to_channels_last(m)
+        # diffusers' forward recomputes the time embedding every step; sdrt's computes all steps' before the first
+        self.step_forward = unet_step.supports(self.unet_module)
         self.graphs = GraphCache(o.max_graphs)  # bucket_key -> CapturedLoop
         self.stage_graphs = GraphCache(o.max_graphs)  # (verb, index, signature) -> CapturedCall, or None: uncapturable
 
@@ -131,8 +135,21 @@ class TorchBackend(EagerBackend):
         with self._cudnn():
             return super().unet(self._in(sample, self.dtype), timestep, encoder_hidden_states, text_embeds, time_ids)
 
-    def _unet_fp32(self, *args) -> torch.Tensor:  # the loop combines guidance and steps in fp32
-        return self.unet(*args).float()
+    def _loop(self, latents, embeds, sched, guidance, text_embeds=None, time_ids=None, noise=None) -> torch.Tensor:
+        """denoise_loop over this backend's UNet (fp32 predictions: the loop combines guidance and steps in fp32).
+        Where sdrt.unet_step supports the UNet, every step's time embedding, and each resnet's projection of it,
+        is computed before the first step (inside the recorded graph, since the timesteps are its inputs)."""
+        if not self.step_forward:
+            return denoise_loop(lambda i, *verb_args: self.unet(*verb_args).float(), latents, embeds, sched,
+                                guidance, text_embeds, time_ids, noise)
+        adds = unet_step.time_adds(self.unet_module, sched.timesteps, embeds.shape[0], text_embeds, time_ids)
+
+        def step(i, x, timestep, text, *_) -> torch.Tensor:
+            with self._cudnn():
+                pred = unet_step.forward(self.unet_module, self._in(x, self.dtype), StepEmbedding(adds, i), text)
+            return pred.float()
+
+        return denoise_loop(step, latents, embeds, sched, guidance, text_embeds, time_ids, noise)
 
     @torch.inference_mode()
     def vae_decoder(self, latent: torch.Tensor) -> torch.Tensor:
@@ -160,11 +177,10 @@ class TorchBackend(EagerBackend):
                 "text_embeds": None if text_embeds is None else text_embeds.to(dev, self.dtype),
                 "time_ids": None if time_ids is None else time_ids.to(dev, self.dtype),
                 "noise": None if noise is None else noise.to(dev, torch.float32)}
-        unet = self._unet_fp32
         if not self.options.cuda_graph:
-            return denoise_loop(unet, **args)
+            return self._loop(**args)
         key = bucket_key(**{k: v for k, v in args.items() if k != "guidance"})
-        return self.graphs.get(key, lambda: CapturedLoop(unet, **args))(**args)
+        return self.graphs.get(key, lambda: CapturedLoop(self._loop, **args))(**args)
 
 
 def _try_capture(fn, inputs, what: str) -> CapturedCall | None:
