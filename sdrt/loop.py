@@ -44,10 +44,11 @@ def denoise_loop(unet, latents: Tensor, embeds: Tensor, sched: Schedule, guidanc
     """
     cfg = embeds.shape[0] == 2 * latents.shape[0]
     state = schedulers.init_state(sched, latents)
+    timesteps = sched.timesteps.to(torch.float32)  # (S,) as the ONNX contract: one cast, not one a step
     with text_kv_once():  # every step passes the same `embeds`: sdrt's cross-attention projects it once
         for i in range(sched.num_steps):  # unrolled: i is a Python int, the tables are indexed on the device
             x_in = schedulers.scale_input(sched, torch.cat([latents] * 2) if cfg else latents, i)
-            timestep = sched.timesteps[i].to(torch.float32).expand(x_in.shape[0])  # (B,) as the ONNX contract
+            timestep = timesteps[i].expand(x_in.shape[0])  # (B,), a view
             pred = unet(i, x_in, timestep, embeds, text_embeds, time_ids).float()
             if cfg:
                 uncond, cond = pred.chunk(2)
