@@ -8,6 +8,7 @@ SDRT_SLOW=1 (a minute per UNet call there; tests/test_passes.py covers the kerne
 """
 
 import copy
+import functools
 import os
 import warnings
 
@@ -24,6 +25,7 @@ from sdrt.graphs import GraphCache
 from sdrt.loop import bucket_key, denoise_loop
 from sdrt.models import load_model
 from sdrt.pipeline import GenerationRequest, Pipeline
+from sdrt.specs import PRESETS
 
 # tests/conftest.py defaults TRITON_INTERPRET to 1; the compiled kernels need TRITON_INTERPRET=0 on the command line.
 cuda = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
@@ -213,10 +215,11 @@ def test_captured_stages_match_uncaptured(precision):
     assert len(graphed.stage_graphs) == 4 and all(v is not None for v in graphed.stage_graphs.entries.values())
 
 
-def test_stages_have_no_host_sync():
+def test_stages_and_loop_have_no_host_sync():
     # What a CUDA graph cannot record is a read back to the host (.item(), a tensor in an `if`) or a tensor made on
     # the CPU inside forward. On the meta device both fail, so this is the CPU check that the stage verbs' modules
-    # (transformers' CLIP, diffusers' VAE, after sdrt's passes) can be recorded; the recording itself is a GPU test.
+    # (transformers' CLIP, diffusers' VAE, after sdrt's passes) and the denoising loop can be recorded; the recording
+    # itself is a GPU test.
     backend = TorchBackend(load_model("tiny-sdxl"), device="cpu")
     for m in (*backend.text_encoders, backend.vae):
         m.to("meta")
@@ -227,6 +230,15 @@ def test_stages_have_no_host_sync():
         assert out["penultimate_hidden_state"].device.type == "meta" and out["pooled_output"].shape[0] == 2
     assert backend.vae_decoder(torch.zeros(1, 4, 8, 8)).shape == (1, 3, 64, 64)
     assert backend.vae_encoder(torch.zeros(1, 3, 64, 64)).shape == (1, 8, 8, 8)
+    # and the loop, as CapturedLoop records it: the time embeddings of every step ahead of the first (SDXL's added
+    # conditioning too), the step forward, guidance and the scheduler (euler-a: drawn noise)
+    backend.unet_module.to("meta")
+    assert backend.step_forward
+    sched = schedulers.make_schedule("euler-a", PRESETS["tiny-sdxl"].scheduler, 3).to("meta")
+    meta = functools.partial(torch.zeros, device="meta")
+    latents = backend.denoise(meta(1, 4, 8, 8), meta(2, 77, 96), sched, 7.5, meta(2, 32), meta(2, 6),
+                              meta(3, 1, 4, 8, 8))
+    assert latents.device.type == "meta" and latents.shape == (1, 4, 8, 8)
 
 
 @cuda
