@@ -7,7 +7,9 @@ the sum for the next sublayer: after self-attention (then norm2) and after cross
     mean = sum(s) / C        var = sum((s - mean)^2) / C    over the last dim C (biased, as nn.LayerNorm)
     y    = (s - mean) / sqrt(var + eps) * weight + bias
 
-s is the new residual stream and y the next sublayer's input, so both are outputs. SD's C is the level's channels:
+s is the new residual stream and y the next sublayer's input, so both are outputs. Before norm3 the stream then
+meets the feed-forward, whose output GEMM sdrt accumulates into it in place; that GEMM's bias rides in s instead
+(`s_bias`: s + s_bias is stored, the statistics are still of s). SD's C is the level's channels:
 320, 640, 1280 (SD 1.5 and 2.x UNets), 640 and 1280 (SDXL), and 1024 in SD 2.x's OpenCLIP text encoder, whose layers
 add and normalise the same way (CLIP: 2 x 77 rows). Rows M = batch 2 (classifier-free guidance) x the latent pixels
 at that level: SD 1.5 at 512px runs 8192 x 320, 2048 x 640, 512 x 1280 and 128 x 1280 (mid block), 32 such pairs a
