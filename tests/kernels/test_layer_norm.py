@@ -226,6 +226,9 @@ def test_add_layer_norm_sd_shapes(m, c, dtype, atol, rtol):
     _, y = _check(x, residual, weight, bias, atol, rtol)
     # And eager end to end, in the dtype: its layer_norm also takes fp32 statistics (Welford) and rounds y once.
     torch.testing.assert_close(y, F.layer_norm(x + residual, (c,), weight, bias), atol=atol, rtol=rtol)
+    # norm3's launch: the feed-forward's bias carried into s, y unchanged
+    s_biased, y_biased = add_layer_norm(x, residual, weight, bias, s_bias=bias)
+    assert torch.equal(s_biased, (x + residual) + bias) and torch.equal(y_biased, y)
 
 
 @cuda_only
