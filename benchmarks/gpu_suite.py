@@ -83,8 +83,9 @@ def vs_baseline(results: list[dict], baseline: str = "diffusers:fp16") -> str:
     base = next((r for r in results if r["backend"] == baseline and not r.get("skipped")), None)
     if base is None:
         return f"({baseline} did not run: no baseline ratios)"
-    # "UNet step" is the backend's unet verb called alone; for torch that is the uncaptured path (Triton's Python
-    # launches), not what its captured loop pays. The pipeline times its loop: a step there is loop time / steps.
+    # "UNet step" is the backend's unet verb called alone (for torch a CUDA graph recorded for its shapes, running
+    # diffusers' forward: the time embedding inside each step); the pipeline times its loop, and a step there is
+    # loop time / steps (for torch the captured loop, with the text's K/V and time embeddings computed once).
     lines = [f"| backend | UNet step vs {baseline} | UNet step in the loop, ms | e2e ms | e2e vs {baseline} |",
              "|---|---|---|---|---|"]
     for r in results:

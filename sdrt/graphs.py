@@ -4,8 +4,9 @@
                     state: none of it may happen while recording), then run() recorded into a torch.cuda.CUDAGraph.
     CapturedCall    fn(*tensors) -> a tensor or a dict of tensors, recorded once for its inputs' shapes and dtypes:
                     each call copies its inputs into the graph's static buffers and replays. The torch backend
-                    records its once-per-image verbs this way (text encoders, VAE decoder and encoder); the whole
-                    denoising loop is recorded by sdrt.loop.CapturedLoop.
+                    records its once-per-image verbs this way (text encoders, VAE decoder and encoder), and its unet
+                    verb for callers with a loop of their own; the whole denoising loop is recorded by
+                    sdrt.loop.CapturedLoop.
     GraphCache      key -> recorded call, least recently used dropped first (each one holds a private memory pool).
 
 Why the one-shot verbs too: uncaptured, their time is the host's. CLIP-L launches ~200 kernels and the VAE decoder

@@ -195,8 +195,9 @@ def test_captured_loop_matches_uncaptured(tiny, eager, scheduler, precision):
 @cuda
 @pytest.mark.parametrize("precision", [Precision.FP32, Precision.FP16])
 def test_captured_stages_match_uncaptured(precision):
-    # Both SDXL text encoders (CLIP-L and the projected one), the VAE decoder and encoder: recorded without a
-    # warning (a failed recording would fall back silently but for it), replayed with new inputs, equal to plain.
+    # Both SDXL text encoders (CLIP-L and the projected one), the VAE decoder and encoder, the unet verb (with
+    # SDXL's added conditioning): recorded without a warning (a failed recording would fall back silently but for
+    # it), replayed with new inputs, equal to plain.
     c = load_model("tiny-sdxl")
     graphed = TorchBackend(copy.deepcopy(c), precision, "cuda")
     plain = TorchBackend(copy.deepcopy(c), precision, "cuda", TorchOptions(cuda_graph=False))
@@ -212,7 +213,10 @@ def test_captured_stages_match_uncaptured(precision):
             z, image = torch.randn(1, 4, 8, 8, generator=g), torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
             torch.testing.assert_close(graphed.vae_decoder(z), plain.vae_decoder(z), atol=atol, rtol=0)
             torch.testing.assert_close(graphed.vae_encoder(image), plain.vae_encoder(image), atol=atol, rtol=0)
-    assert len(graphed.stage_graphs) == 4 and all(v is not None for v in graphed.stage_graphs.entries.values())
+            x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([999.0, 10.0]) * (seed + 1) / 2
+            cond = (torch.randn(2, 77, 96, generator=g), torch.randn(2, 32, generator=g), torch.rand(2, 6) * 64)
+            torch.testing.assert_close(graphed.unet(x, t, *cond), plain.unet(x, t, *cond), atol=atol, rtol=0)
+    assert len(graphed.stage_graphs) == 5 and all(v is not None for v in graphed.stage_graphs.entries.values())
 
 
 def test_stages_and_loop_have_no_host_sync():
@@ -285,8 +289,8 @@ def test_captured_loops_are_capped_least_recent_first(tiny, eager, monkeypatch):
 
 
 def test_stage_verbs_are_recorded_per_shape_and_fall_back(tiny, eager, monkeypatch):
-    # Text encoders and VAE verbs: one recorded call per (verb, encoder, input shape), replayed after; a shape whose
-    # recording fails warns once and runs uncaptured from then on. CUDA-only recording, so the bookkeeping is
+    # Text encoder, VAE and unet verbs: one recorded call per (verb, encoder, input shape), replayed after; a shape
+    # whose recording fails warns once and runs uncaptured from then on. CUDA-only recording, so the bookkeeping is
     # tested here with a stand-in that calls fn directly, and one that fails like a host sync does.
     from dataclasses import replace
 
@@ -315,14 +319,17 @@ def test_stage_verbs_are_recorded_per_shape_and_fall_back(tiny, eager, monkeypat
         torch.testing.assert_close(out["last_hidden_state"], ref.text_encoder(0, ids)["last_hidden_state"])
     z = torch.randn(1, 4, 8, 8)
     torch.testing.assert_close(backend.vae_decoder(z), ref.vae_decoder(z), atol=2e-5, rtol=0)
-    assert made == [(2, 77), (1, 4, 8, 8)]  # the second text call replayed
+    x, t, e = torch.randn(2, 4, 8, 8), torch.tensor([999.0, 999.0]), torch.randn(2, 77, 64)
+    for _ in range(2):  # the unet verb, for callers with their own loop
+        torch.testing.assert_close(backend.unet(x, t, e), ref.unet(x, t, e), atol=2e-5, rtol=0)
+    assert made == [(2, 77), (1, 4, 8, 8), (2, 4, 8, 8)]  # the second text and unet calls replayed
     with pytest.warns(RuntimeWarning, match=r"vae_decoder could not be recorded .*capturing\)"):
         backend.vae_decoder(torch.randn(1, 4, 9, 9))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second attempt, no second warning
         z9 = torch.randn(1, 4, 9, 9)
         torch.testing.assert_close(backend.vae_decoder(z9), ref.vae_decoder(z9), atol=2e-5, rtol=0)
-    assert len(backend.stage_graphs) == 3 and len(backend.graphs) == 0
+    assert len(backend.stage_graphs) == 4 and len(backend.graphs) == 0
     backend.options = replace(backend.options, graph_stages=False)
     backend.vae_decoder(torch.randn(1, 4, 10, 10))
-    assert len(made) == 2
+    assert len(made) == 3
