@@ -133,8 +133,8 @@ class TorchBackend(EagerBackend):
     @torch.inference_mode()
     def unet(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None) -> torch.Tensor:
         """One UNet call, for callers that run their own loop (sdrt's pipeline hands this backend the whole loop:
-        denoise). On CUDA recorded per input shape like the other verbs: uncaptured, a step costs the host ~150
-        Python launches of Triton kernels (40.6 ms on the H100 host, against 8.4 ms of GPU time)."""
+        denoise). On CUDA recorded per input shape like the other verbs: uncaptured, a step costs the host hundreds
+        of Python launches of Triton kernels (40.6 ms on the H100 host, against 8.4 ms of GPU time)."""
         dev = self.device
         inputs = [self._in(sample, self.dtype), timestep.to(dev), encoder_hidden_states.to(dev, self.dtype)]
         if text_embeds is not None:
