@@ -216,7 +216,8 @@ def test_captured_stages_match_uncaptured(precision):
             x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([999.0, 10.0]) * (seed + 1) / 2
             cond = (torch.randn(2, 77, 96, generator=g), torch.randn(2, 32, generator=g), torch.rand(2, 6) * 64)
             torch.testing.assert_close(graphed.unet(x, t, *cond), plain.unet(x, t, *cond), atol=atol, rtol=0)
-    assert len(graphed.stage_graphs) == 5 and all(v is not None for v in graphed.stage_graphs.entries.values())
+    assert len(graphed.stage_graphs) == 4 and all(v is not None for v in graphed.stage_graphs.entries.values())
+    assert len(graphed.unet_graphs) == 1 and all(v is not None for v in graphed.unet_graphs.entries.values())
 
 
 def test_stages_and_loop_have_no_host_sync():
@@ -329,7 +330,7 @@ def test_stage_verbs_are_recorded_per_shape_and_fall_back(tiny, eager, monkeypat
         warnings.simplefilter("error")  # no second attempt, no second warning
         z9 = torch.randn(1, 4, 9, 9)
         torch.testing.assert_close(backend.vae_decoder(z9), ref.vae_decoder(z9), atol=2e-5, rtol=0)
-    assert len(backend.stage_graphs) == 4 and len(backend.graphs) == 0
+    assert len(backend.stage_graphs) == 3 and len(backend.unet_graphs) == 1 and len(backend.graphs) == 0
     backend.options = replace(backend.options, graph_stages=False)
     backend.vae_decoder(torch.randn(1, 4, 10, 10))
     assert len(made) == 3

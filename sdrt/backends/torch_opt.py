@@ -48,7 +48,8 @@ class TorchOptions:
     graph_stages: bool = True
     # Captured loops kept, least recently used dropped first: each holds a private memory pool of about one step's
     # activations plus its output, so a service that sees many sizes or step counts must not keep one per bucket.
-    # The same number again of captured stages (text encoders, VAE), in a cache of their own; a recorded VAE decode
+    # The same number again of captured stages (text encoders, VAE), in a cache of their own, and of unet verb calls
+    # (callers with their own loop; each holds about one step's activations) in a third; a recorded VAE decode
     # keeps its peak activations reserved in its pool (eager's caching allocator keeps about as much, but for one
     # size at a time): several GB for SDXL at 1024^2, so a service with many sizes may want graph_stages off.
     max_graphs: int = 4
@@ -106,6 +107,7 @@ class TorchBackend(EagerBackend):
         self.step_forward = unet_step.supports(self.unet_module)
         self.graphs = GraphCache(o.max_graphs)  # bucket_key -> CapturedLoop
         self.stage_graphs = GraphCache(o.max_graphs)  # (verb, index, signature) -> CapturedCall, or None: uncapturable
+        self.unet_graphs = GraphCache(o.max_graphs)  # the unet verb's, apart: the pipeline's stages keep their room
 
     def _cudnn(self):
         """cuDNN autotuning for our calls only (a scoped flag, not the process-wide torch.backends setting): its
@@ -118,17 +120,17 @@ class TorchBackend(EagerBackend):
     def _in(self, x: torch.Tensor, dtype) -> torch.Tensor:
         return x.to(self.device, dtype).contiguous(memory_format=self.memory_format)
 
-    def _staged(self, key: tuple, fn, *inputs: torch.Tensor):
+    def _staged(self, cache: GraphCache, key: tuple, fn, *inputs: torch.Tensor):
         """fn(*inputs), replayed from a CUDA graph recorded for these inputs' shapes when stage graphs are on."""
         if not (self.options.cuda_graph and self.options.graph_stages):
             return fn(*inputs)
-        call = self.stage_graphs.get((*key, signature(*inputs)), lambda: _try_capture(fn, inputs, key[0]))
+        call = cache.get((*key, signature(*inputs)), lambda: _try_capture(fn, inputs, key[0]))
         return fn(*inputs) if call is None else call(*inputs)
 
     @torch.inference_mode()
     def text_encoder(self, index: int, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self._staged(("text_encoder", index), lambda ids: EagerBackend.text_encoder(self, index, ids),
-                            input_ids.to(self.device))
+        return self._staged(self.stage_graphs, ("text_encoder", index),
+                            lambda ids: EagerBackend.text_encoder(self, index, ids), input_ids.to(self.device))
 
     @torch.inference_mode()
     def unet(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None) -> torch.Tensor:
@@ -139,7 +141,7 @@ class TorchBackend(EagerBackend):
         inputs = [self._in(sample, self.dtype), timestep.to(dev), encoder_hidden_states.to(dev, self.dtype)]
         if text_embeds is not None:
             inputs += [text_embeds.to(dev, self.dtype), time_ids.to(dev, self.dtype)]
-        return self._staged(("unet",), self._unet, *inputs)
+        return self._staged(self.unet_graphs, ("unet",), self._unet, *inputs)
 
     def _unet(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None) -> torch.Tensor:
         with self._cudnn():
@@ -164,13 +166,13 @@ class TorchBackend(EagerBackend):
     @torch.inference_mode()
     def vae_decoder(self, latent: torch.Tensor) -> torch.Tensor:
         with self._cudnn():
-            return self._staged(("vae_decoder",), lambda z: EagerBackend.vae_decoder(self, z),
+            return self._staged(self.stage_graphs, ("vae_decoder",), lambda z: EagerBackend.vae_decoder(self, z),
                                 self._in(latent, self.vae_dtype))
 
     @torch.inference_mode()
     def vae_encoder(self, image: torch.Tensor) -> torch.Tensor:
         with self._cudnn():
-            return self._staged(("vae_encoder",), lambda x: EagerBackend.vae_encoder(self, x),
+            return self._staged(self.stage_graphs, ("vae_encoder",), lambda x: EagerBackend.vae_encoder(self, x),
                                 self._in(image, self.vae_dtype))
 
     @torch.inference_mode()
