@@ -33,7 +33,8 @@ from sdrt import passes, unet_step  # noqa: E402
 from sdrt.blocks import StepEmbedding, text_kv_once  # noqa: E402
 from sdrt.specs import PRESETS  # noqa: E402
 
-FREE = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided", "detach", "alias", "lift_fresh"}
+FREE = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided", "detach", "detach_", "alias",
+        "lift_fresh"}
 
 
 def _nbytes(ts) -> int:
