@@ -161,7 +161,22 @@ class GroupNormAct(nn.Module):
 
 
 # The UNet blocks of SD 1.x, 2.x and XL: they hand the time embedding to their resnets and to nothing else.
-SD_BLOCK_TYPES = {"DownBlock2D", "CrossAttnDownBlock2D", "UNetMidBlock2DCrossAttn", "UpBlock2D", "CrossAttnUpBlock2D"}
+_SD_BLOCK_TYPES = {"DownBlock2D", "CrossAttnDownBlock2D", "UNetMidBlock2DCrossAttn", "UpBlock2D", "CrossAttnUpBlock2D"}
+
+
+def time_resnets(unet: nn.Module) -> list[ResnetBlock] | None:
+    """The ResnetBlocks that receive a diffusers UNet2DConditionModel's time embedding, where they are all that
+    does: a UNet of SD's block types with every resnet an sdrt ResnetBlock. Else None (another block, e.g. one with
+    AdaGroupNorm, may use the embedding otherwise)."""
+    from diffusers import UNet2DConditionModel
+
+    if type(unet) is not UNet2DConditionModel:
+        return None
+    cfg = unet.config
+    if not (set(cfg.down_block_types) | set(cfg.up_block_types) | {cfg.mid_block_type}) <= _SD_BLOCK_TYPES:
+        return None
+    consumers = [m for m in unet.modules() if hasattr(m, "time_emb_proj")]
+    return consumers if consumers and all(isinstance(m, ResnetBlock) for m in consumers) else None
 
 
 @dataclass(frozen=True, eq=False)

@@ -19,22 +19,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sdrt.blocks import SD_BLOCK_TYPES, ResnetBlock, StepEmbedding
+from sdrt.blocks import ResnetBlock, StepEmbedding, time_resnets
 
 
 def supports(unet: nn.Module) -> bool:
     """Whether `forward` computes what diffusers' forward does for this UNet (else the caller runs diffusers')."""
-    from diffusers import UNet2DConditionModel
-
-    if type(unet) is not UNet2DConditionModel:
+    if time_resnets(unet) is None:
         return False
     cfg = unet.config
-    blocks = set(cfg.down_block_types) | set(cfg.up_block_types) | {cfg.mid_block_type}
-    consumers = [m for m in unet.modules() if hasattr(m, "time_emb_proj")]  # what receives the embedding
-    return (blocks <= SD_BLOCK_TYPES and unet.class_embedding is None and cfg.addition_embed_type in (None, "text_time")
+    return (unet.class_embedding is None and cfg.addition_embed_type in (None, "text_time")
             and unet.encoder_hid_proj is None and not cfg.center_input_sample
-            and unet.time_embedding.cond_proj is None and getattr(unet, "position_net", None) is None
-            and bool(consumers) and all(isinstance(m, ResnetBlock) for m in consumers))
+            and unet.time_embedding.cond_proj is None and getattr(unet, "position_net", None) is None)
 
 
 def time_adds(unet: nn.Module, timesteps: torch.Tensor, batch: int, text_embeds=None,
