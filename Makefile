@@ -7,7 +7,8 @@ TORCH  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo to
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench gpu-wheels gpu-install gpu-test gpu-suite gpu-suite-dry sm90-report lint clean
+.PHONY: install test demo bench gpu-wheels gpu-install gpu-test gpu-suite gpu-session gpu-suite-dry sm90-report lint \
+	clean
 
 install: $(STAMP)
 
@@ -58,16 +59,36 @@ gpu-install:
 # The tests CI skips: kernels compiled at full SD shapes, bf16, the captured loop. 2-4 min on an H100 with 8
 # pytest-xdist workers (Triton compiles dominate); without pytest-xdist they run serially. GPU_PYTEST_ARGS overrides.
 GPU_PYTEST_ARGS ?= auto
+GPU_PYTEST = HF_HUB_OFFLINE=1 TRITON_INTERPRET=0 $(PYTHON) -m pytest tests/kernels tests/test_torch_backend.py \
+	-p no:cacheprovider
+XDIST_ARGS = args="$(GPU_PYTEST_ARGS)"; if [ "$$args" = auto ]; then args=""; \
+	$(PYTHON) -c "import xdist" 2>/dev/null && args="-n 8"; fi
 gpu-test: gpu-install
-	args="$(GPU_PYTEST_ARGS)"; if [ "$$args" = auto ]; then args=""; $(PYTHON) -c "import xdist" 2>/dev/null && args="-n 8"; fi; \
-	HF_HUB_OFFLINE=1 TRITON_INTERPRET=0 $(PYTHON) -m pytest tests/kernels tests/test_torch_backend.py \
-		-p no:cacheprovider $$args
+	$(XDIST_ARGS); $(GPU_PYTEST) $$args
 
 # sd15 512x512 50 steps, every GPU row and the kernel benchmarks, in its 480 s budget (~7 min on an H100).
 gpu-suite:
 	@test -n "$(OUT)" || { echo "usage: make gpu-suite OUT=DIR" >&2; exit 2; }
 	$(MAKE) gpu-install
 	HF_HUB_OFFLINE=1 TRITON_INTERPRET=0 $(PYTHON) benchmarks/gpu_suite.py --out "$(OUT)"
+
+# What a GPU lease is for, as one command that ends inside the device tool's 10-minute call (a second call after
+# the machine went idle pays its start again): the GPU tests, stopped after GPU_TEST_S by SIGINT so that pytest
+# still reports and writes what ran, then the suite in what is left of GPU_SESSION_S. Files in OUT: gpu_test.log,
+# gpu_test.xml (junit), gpu_suite.{json,md,png}. SUITE_ARGS=--dry-run tries it on a CPU.
+GPU_SESSION_S ?= 540
+GPU_TEST_S ?= 200
+SUITE_ARGS ?=
+gpu-session: gpu-install
+	@test -n "$(OUT)" || { echo "usage: make gpu-session OUT=DIR" >&2; exit 2; }
+	mkdir -p "$(OUT)"
+	@start=$$(date +%s); $(XDIST_ARGS); \
+	timeout -s INT -k 30 $(GPU_TEST_S) env $(GPU_PYTEST) -q $$args --junitxml="$(OUT)/gpu_test.xml" \
+		> "$(OUT)/gpu_test.log" 2>&1; rc=$$?; \
+	tail -n 30 "$(OUT)/gpu_test.log"; echo "gpu-test: exit $$rc after $$(( $$(date +%s) - start )) s"; \
+	left=$$(( $(GPU_SESSION_S) - $$(date +%s) + start )); echo "gpu-suite: $$left s left"; \
+	HF_HUB_OFFLINE=1 TRITON_INTERPRET=0 $(PYTHON) benchmarks/gpu_suite.py --out "$(OUT)" --budget-s $$left \
+		$(SUITE_ARGS)
 
 # The same suite at tiny sizes on the CPU (Triton through its interpreter): proves it runs before a GPU is there.
 gpu-suite-dry: $(STAMP)
