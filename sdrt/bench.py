@@ -202,7 +202,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         result.update(bench_report.describe_row(row, mem, device))
         result.update(bench_report.drift(first, reference, is_ref))
         row.samples = {k: [] for k in ("text_encoder_ms", "unet_step_ms", "vae_decode_ms", "e2e_ms",
-                                       "pipeline_unet_step_ms")}
+                                       "pipeline_unet_step_ms", "outside_loop_ms")}
         row.result, row.inputs = result, inputs.to(row.device)
         result["group"] = group  # rows with the same group were measured in the same rounds
         if cfg.sequential:
@@ -240,6 +240,8 @@ def measure(rows: list, request, runs: int, log, deadline: float | None = None, 
             out = row.generate(request)
             row.samples["e2e_ms"].append(out.timings["total_ms"])
             row.samples["pipeline_unet_step_ms"] += list(out.timings.get("unet_ms", []))
+            if "denoise_ms" in out.timings:  # sdrt's pipeline: what an image costs besides its denoising loop
+                row.samples["outside_loop_ms"].append(out.timings["total_ms"] - out.timings["denoise_ms"])
         if rows:
             log(f"round {r + 1}/{runs}: " + ", ".join(f"{row.spec.name} {row.samples['e2e_ms'][-1]:.0f} ms"
                                                        for row in rows))

@@ -64,6 +64,9 @@ def summarize(samples: dict, request) -> dict:
     out["e2e_ms"] = {f"p{q}": round(percentile(e2e, q), 1) for q in (50, 90, 99)}
     step = percentile(samples["pipeline_unet_step_ms"], 50)
     out["pipeline_unet_step_ms"] = None if step is None else round(step, 2)  # inside generate(): a cross-check
+    # generate()'s time outside its denoising loop: text encoding, the initial latents, decode, the copy to the host
+    outside = percentile(samples.get("outside_loop_ms", []), 50)
+    out["outside_loop_ms"] = None if outside is None else round(outside, 2)
     out["steps_per_s"] = round(1e3 / out["unet_step_ms"], 3)  # denoising steps (UNet at the CFG batch) per second
     out["images_per_s"] = round(len(request.prompts) * request.batch * 1e3 / out["e2e_ms"]["p50"], 4)
     # The least-disturbed sample of each: on a shared machine noise only adds time, so min is the other honest view.

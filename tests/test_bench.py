@@ -186,6 +186,8 @@ def test_gpu_suite_dry_run(tmp_path, cache):
     md = (tmp_path / "gpu_suite.md").read_text()
     assert "## sdrt GPU suite (dry run" in md and "### Kernels" in md
     assert "| torch:fp16 | UNet step |" in md  # every torch-run row is profiled
+    torch_row = next(r for r in report["results"] if r["backend"] == "torch:fp16")
+    assert 0 < torch_row["outside_loop_ms"] < torch_row["e2e_ms"]["p50"] and "outside the loop, ms" in md
     gn = [r for r in report["kernels"] if r["benchmark"] == "bench_group_norm"]
     assert gn and all(r["ms"] > 0 and r["gpp"] >= 1 for r in gn)
     assert (tmp_path / "gpu_suite.png").is_file()
@@ -204,14 +206,15 @@ def test_rounds_stop_at_the_time_budget(monkeypatch):
 
     def generate(request):
         calls.append(request)
-        return SimpleNamespace(timings={"total_ms": 10.0, "unet_ms": [2.0]})
+        return SimpleNamespace(timings={"total_ms": 10.0, "unet_ms": [2.0], "denoise_ms": 7.5})
 
-    samples = {k: [] for k in (*stages, "e2e_ms", "pipeline_unet_step_ms")}
+    samples = {k: [] for k in (*stages, "e2e_ms", "pipeline_unet_step_ms", "outside_loop_ms")}
     row = SimpleNamespace(backend=None, inputs=None, device=None, generate=generate, spec=SimpleNamespace(name="x"),
                           result={"backend": "x"}, samples=samples)
     request = SimpleNamespace(prompts=["a"], batch=1)
     bench.measure([row], request, runs=3, log=lambda m: None, deadline=0.0)  # already past: one round only
     assert len(calls) == 1 and row.result["rounds"] == 1 and row.result["e2e_ms"]["p50"] == 10.0
+    assert row.result["outside_loop_ms"] == 2.5  # generate()'s time besides its loop
     assert _runs({"config": {"runs": 3}, "results": [row.result]}) == "1 of 3 (time budget)"  # the table's header
 
 
