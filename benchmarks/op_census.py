@@ -4,7 +4,8 @@ at 512^2 takes a second here.
 
 What it counts: every aten op that writes new memory or writes in place (views, and empty tensors, launch nothing),
 by op name, with its bytes read + written, and sdrt's Triton kernels as single ops ("sdrt.group_norm",
-"sdrt.attention", "sdrt.geglu", "sdrt.add_layer_norm"; GroupNorm counted as it runs, x read twice). Those bytes are
+"sdrt.attention", "sdrt.geglu", "sdrt.add_layer_norm"; GroupNorm counted as it runs on an H100: its plan's launches,
+x read twice by the split kernels and once by the one-pass kernel). Those bytes are
 the *minimum* traffic of each kernel: cuDNN and cuBLAS re-read tiles, and a small kernel costs its launch (~2-5 us
 on an H100, even inside a CUDA graph) more than its bytes, so the kernel count matters as much as the bytes for the
 elementwise rows. It is a model, not a measurement: use it to see what a pass removed, and `make gpu-suite` for
@@ -47,10 +48,10 @@ class Census(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.rows: list[tuple[str, int, tuple]] = []
+        self.rows: list[tuple[str, int, tuple, int]] = []
 
-    def record(self, name: str, nbytes: int, shape: tuple) -> None:
-        self.rows.append((name, nbytes, shape))
+    def record(self, name: str, nbytes: int, shape: tuple, kernels: int = 1) -> None:
+        self.rows.append((name, nbytes, shape, kernels))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -67,10 +68,19 @@ class Census(TorchDispatchMode):
 @contextlib.contextmanager
 def sdrt_kernels_as_ops(census: Census):
     """sdrt.kernels' Triton launchers replaced, for this census only, by meta stand-ins that record one op each."""
+    import importlib
+
     import sdrt.kernels as k
 
+    gn = importlib.import_module("sdrt.kernels.group_norm")  # the module (sdrt.kernels.group_norm is the function)
+
     def group_norm(x, num_groups, weight, bias, eps=1e-5, silu=False, *, add=None, tuning=None):
-        census.record("sdrt.group_norm", 3 * _nbytes([x]), tuple(x.shape))  # stats read, apply read + write
+        N, C, H, W = x.shape  # the plan an H100 (132 SMs) runs: one kernel, or stats (+ finalize) + apply
+        p = gn._plan(N, C, H * W, num_groups, x.element_size(), x.is_contiguous(memory_format=torch.channels_last),
+                     gn._PROGRAMS_PER_SM * 132)
+        reads = 1 if p.one_pass else 2  # the split plan reads x for its statistics, then again to normalise
+        census.record("sdrt.group_norm", (reads + 1) * _nbytes([x]), tuple(x.shape),
+                      1 if p.one_pass else 2 + p.finalize)
         return torch.empty_like(x)
 
     def attention(q, kk, v, scale=None, *, out=None, split_head_dim=True):
@@ -150,8 +160,8 @@ def _count(fn, kernels: bool) -> Census:
 def summary(c: Census) -> dict[str, tuple[int, int]]:
     """op -> (kernels, bytes)"""
     agg = collections.defaultdict(lambda: [0, 0])
-    for name, nbytes, _ in c.rows:
-        agg[name][0] += 1
+    for name, nbytes, _, kernels in c.rows:
+        agg[name][0] += kernels
         agg[name][1] += nbytes
     return {k: tuple(v) for k, v in agg.items()}
 

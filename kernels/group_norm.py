@@ -28,8 +28,15 @@ launch at once, they run their prologue (chunk setup, the group shifts) while th
 wait (griddepcontrol.wait) before they read its outputs. That hides most of a launch boundary, the fixed cost that
 dominates SD's small shapes (5-10 us for two launches on an H100).
 
-x is read twice and y written once. SPLIT is chosen so the grid has a few programs per SM; each program then handles
-a slice small enough that, for SD's activations (<= 21 MB for 2 x 320 x 128^2 fp16), the second read mostly hits L2.
+Small groups take one kernel instead (_group_norm_one_pass_kernel, grid (N * chunks,)): where a chunk's padded
+(next_pow2(H*W), BLOCK_C) tile holds at most _ONE_PASS_MAX values, one program loads all of it into registers,
+reduces it and normalises it there, so x is read once and there is one launch. That is SD's 8^2 and 16^2 levels
+(0.3-2.6 MB, where the two launches' fixed cost was most of the time). Larger tiles would need more registers than
+a thread has (16384 fp32 values over 16 warps are already 32 a thread), and fewer programs than SMs stream slowly.
+
+In the split plan, x is read twice and y written once. SPLIT is chosen so the grid has a few programs per SM; each
+program then handles a slice small enough that, for SD's activations (<= 21 MB for 2 x 320 x 128^2 fp16), the
+second read mostly hits L2.
 Past L2 (the VAE decoder's 1 x 128 x 512^2 is 67 MB; an H100's L2 is 50 MB) the apply kernel walks each slice from
 its end, so it starts on the tiles the stats kernel read last, the ones L2 still holds, instead of the first ones,
 which the rest of the stats pass has evicted by then.
@@ -86,6 +93,10 @@ _MIN_RUN_BYTES = 128
 _MAX_BLOCK_C = 256
 # Partials (GPP * SPLIT) an apply program may reduce itself before a finalize kernel does it once per group.
 _MAX_PARTIALS_PER_APPLY = 32
+# One-pass plans: a chunk of at most this many (padded) elements is one program's tile, held in registers. 16384
+# fp32 values over 16 warps are 32 a thread (the split kernels' default tile is 4096 over 4 warps: the same).
+# In SD that is the UNet's 8^2 and 16^2 levels (e.g. 2 x 1280 x 16^2: 64 programs of 256 x 64 lanes).
+_ONE_PASS_MAX = 16384
 
 
 @triton.jit
@@ -252,6 +263,53 @@ def _group_norm_apply_kernel(
         tl.store(y_base + hw[:, None] * stride_yhw + offs_c[None, :] * stride_yc, y.to(Y.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _group_norm_one_pass_kernel(
+    X, ADD, Y, W, B,
+    stride_xn, stride_xc, stride_xhw, stride_an,
+    stride_yn, stride_yc, stride_yhw,
+    C, HW, CPG, N_CHUNKS,
+    inv_count, eps,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ADD: tl.constexpr,
+    SILU: tl.constexpr,
+    CHUNK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,  # next power of two >= HW: the whole chunk is one tile
+    BLOCK_C: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    """Small groups (SD's 8^2..16^2 levels): one program holds its whole chunk in registers and reads x once: one
+    launch instead of two dependent ones, which at 0.3-2.6 MB is most of the time. Statistics are two-pass over the
+    registers, on x - K as in the split kernels (x - K is exact near K; summing x itself would round the mean of
+    values near 100 to ~1e-5, a sizeable fraction of a std of 0.02)."""
+    pid_nk = tl.program_id(0)
+    n, c0, _, x_base, offs_c, c_mask, one_hot, _, shift = _chunk_setup(
+        X, ADD, stride_xn, stride_xc, stride_an, pid_nk, C, CPG, N_CHUNKS, CHUNK_C, BLOCK_C, BLOCK_G, HAS_ADD)
+    hw = tl.arange(0, BLOCK_HW)
+    mask = (hw[:, None] < HW) & c_mask[None, :]
+    x = tl.load(x_base + hw[:, None] * stride_xhw + offs_c[None, :] * stride_xc, mask=mask, other=0.0)
+    x = tl.where(mask, x.to(tl.float32) - shift[None, :], 0.0)  # (BLOCK_HW, BLOCK_C): (x [+ add]) - K
+
+    # (BLOCK_HW, BLOCK_C) -> per channel -> per group (BLOCK_G,) -> back to each channel lane (BLOCK_C,)
+    group_sum = tl.sum(tl.where(one_hot, tl.sum(x, 0)[:, None], 0.0), 0)
+    mean_shifted = tl.sum(tl.where(one_hot, group_sum[None, :], 0.0), 1) * inv_count
+    d = tl.where(mask, x - mean_shifted[None, :], 0.0)
+    group_sq = tl.sum(tl.where(one_hot, tl.sum(d * d, 0)[:, None], 0.0), 0)
+    rstd = 1.0 / tl.sqrt(tl.sum(tl.where(one_hot, group_sq[None, :], 0.0), 1) * inv_count + eps)
+
+    scale = rstd
+    if HAS_WEIGHT:
+        scale *= tl.load(W + c0 + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+    y = d * scale[None, :]
+    if HAS_BIAS:
+        y += tl.load(B + c0 + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    if SILU:
+        y = y * tl.sigmoid(y)
+    y_ptrs = Y + n.to(tl.int64) * stride_yn + c0.to(tl.int64) * stride_yc + hw[:, None] * stride_yhw
+    tl.store(y_ptrs + offs_c[None, :] * stride_yc, y.to(Y.dtype.element_ty), mask=mask)
+
+
 def _spatial_stride(t: torch.Tensor) -> int | None:
     """Stride of the flattened H*W axis, or None when H and W cannot be flattened into one strided axis."""
     _, _, h, w = t.shape
@@ -305,6 +363,7 @@ class GroupNormTuning:
     tile: int = _TILE  # elements of x a program loads per loop iteration, a power of two
     pdl: bool | None = None  # programmatic dependent launch of the 2nd and 3rd kernels; None: where supported
     reverse_apply: bool = True  # the normalising pass walks each slice from its end: L2 hits for x larger than L2
+    one_pass: bool | None = None  # one kernel, a chunk a program; None: where a chunk fits _ONE_PASS_MAX elements
 
 
 @dataclass(frozen=True)
@@ -318,11 +377,25 @@ class _Plan:
     split: int  # programs per chunk, each over hw_per_program pixels
     hw_per_program: int
     finalize: bool  # reduce the partials in a third, tiny kernel (else every apply program reduces its own)
+    one_pass: bool = False  # one kernel: split 1, and a program's tile is its whole chunk (block_hw >= HW)
 
 
 def _plan(N: int, C: int, HW: int, num_groups: int, element_size: int, channels_contiguous: bool,
-          target_programs: int, groups_per_program: int | None = None, tile: int = _TILE) -> _Plan:
+          target_programs: int, groups_per_program: int | None = None, tile: int = _TILE,
+          one_pass: bool | None = None) -> _Plan:
     cpg = C // num_groups
+    if one_pass is not False:
+        # One group a program unless asked otherwise, in either layout: these calls are latency-bound, and more
+        # programs (N * 32) keep more SMs' loads in flight than channels-last's wider chunks would (2 x 2560 x 8^2
+        # in chunks of 3 groups: 22 programs), at the price of shorter runs per pixel (80 bytes at C/G = 40).
+        one_gpp = groups_per_program or 1
+        block_c = triton.next_power_of_2(one_gpp * cpg)
+        if triton.next_power_of_2(HW) * block_c <= _ONE_PASS_MAX:
+            return _Plan(one_gpp, triton.cdiv(num_groups, one_gpp), block_c, triton.next_power_of_2(HW), 1, HW,
+                         False, one_pass=True)
+        if one_pass:
+            raise ValueError(f"group_norm: one_pass=True needs a chunk of at most {_ONE_PASS_MAX} elements; "
+                             f"{one_gpp} group(s) of {cpg} channels x {HW} pixels are more")
     gpp = groups_per_program or _groups_per_program(num_groups, cpg, element_size, channels_contiguous)
     n_chunks = triton.cdiv(num_groups, gpp)
     block_c = triton.next_power_of_2(gpp * cpg)
@@ -342,7 +415,7 @@ def plan_for(x: torch.Tensor, num_groups: int, tuning: GroupNormTuning = GroupNo
     """The launch plan group_norm uses for x on its device (benchmarks report it beside the times)."""
     N, C, H, W = x.shape
     return _plan(N, C, H * W, num_groups, x.element_size(), x.stride(1) == 1 and C > 1,
-                 _num_programs_target(x.device), tuning.groups_per_program, tuning.tile)
+                 _num_programs_target(x.device), tuning.groups_per_program, tuning.tile, tuning.one_pass)
 
 
 def _check_inputs(x, num_groups, weight, bias, add, tuning: GroupNormTuning) -> None:
@@ -421,14 +494,22 @@ def launches(x, y, num_groups, weight, bias, eps, silu, p: _Plan, pdl: bool = Fa
     cpg = C // num_groups
     n_groups = N * num_groups
     inv_count = 1.0 / (cpg * HW)
-    block_split = triton.next_power_of_2(p.split)
-    partial = torch.empty((n_groups, p.split, 2), dtype=torch.float32, device=x.device)
-    stats = torch.empty((n_groups, 2), dtype=torch.float32, device=x.device) if p.finalize else partial
-
     grid = (N * p.n_chunks, p.split)
     x_strides = (x.stride(0), x.stride(1), _spatial_stride(x), add.stride(0) if add is not None else 0)
     add_ptr = add if add is not None else x  # dummy pointer, never read when HAS_ADD is False
     y_strides = (y.stride(0), y.stride(1), _spatial_stride(y))
+    affine = (weight if weight is not None else x, bias if bias is not None else x)  # dummies when HAS_* is False
+    flags = {"HAS_WEIGHT": weight is not None, "HAS_BIAS": bias is not None, "SILU": bool(silu)}
+    if p.one_pass:
+        return [(_group_norm_one_pass_kernel, grid[:1], (
+            x, add_ptr, y, *affine, *x_strides, *y_strides, C, HW, cpg, p.n_chunks, inv_count, float(eps),
+        ), {**flags, "HAS_ADD": add is not None, "CHUNK_C": p.gpp * cpg, "BLOCK_HW": p.block_hw,
+            "BLOCK_C": p.block_c, "BLOCK_G": triton.next_power_of_2(p.gpp),
+            "num_warps": min(16, max(_NUM_WARPS, p.block_hw * p.block_c // 1024))})]
+
+    block_split = triton.next_power_of_2(p.split)
+    partial = torch.empty((n_groups, p.split, 2), dtype=torch.float32, device=x.device)
+    stats = torch.empty((n_groups, 2), dtype=torch.float32, device=x.device) if p.finalize else partial
     sizes = (C, HW, cpg, p.n_chunks, p.hw_per_program, p.split)
     blocks = {"CHUNK_C": p.gpp * cpg, "BLOCK_HW": p.block_hw, "BLOCK_C": p.block_c,
               "BLOCK_G": triton.next_power_of_2(p.gpp), "HAS_ADD": add is not None, "num_warps": _NUM_WARPS}
@@ -440,12 +521,9 @@ def launches(x, y, num_groups, weight, bias, eps, silu, p: _Plan, pdl: bool = Fa
                     (partial, stats, n_groups, p.split, inv_count, float(eps)),
                     {"BLOCK_R": block_r, "BLOCK_SPLIT": block_split, "num_warps": _NUM_WARPS, **dependent}))
     out.append((_group_norm_apply_kernel, grid, (
-        x, add_ptr, y,
-        weight if weight is not None else x,  # dummy pointer, never read when HAS_WEIGHT is False
-        bias if bias is not None else x,
-        partial, stats, *x_strides, *y_strides, *sizes, inv_count, float(eps),
-    ), {"HAS_WEIGHT": weight is not None, "HAS_BIAS": bias is not None, "SILU": bool(silu), "FINALIZED": p.finalize,
-        "BLOCK_SPLIT": block_split, "REVERSE": bool(reverse), **blocks, **dependent}))
+        x, add_ptr, y, *affine, partial, stats, *x_strides, *y_strides, *sizes, inv_count, float(eps),
+    ), {**flags, "FINALIZED": p.finalize, "BLOCK_SPLIT": block_split, "REVERSE": bool(reverse), **blocks,
+        **dependent}))
     return out
 
 

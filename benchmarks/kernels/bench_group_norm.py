@@ -16,6 +16,9 @@ Columns (CUDA; every time is a median of CUDA-graph replays unless it says launc
   speedup               torch_ms / ms, cold
   launch_ms             plain calls (do_bench), host launch cost included: what an uncaptured caller pays
   gpp, split, finalize  the launch plan: groups per program, programs per chunk, third kernel or not
+  one_pass              the plan is one kernel with a group a program (SD's 8^2 and 16^2 levels); the ablations
+                        below are then None except twopass_ms
+  twopass_ms            one-pass rows only, cold, the split statistics + apply kernels instead: its ablation
   tile2k_ms             cold, with 2048-element tiles (half the bytes in flight): the ablation of the tile
   gpp1_ms               channels-last only, cold, with one group a program: the ablation of the chunking
   nopdl_ms              channels-last only, cold, every kernel launched plainly: the ablation of PDL
@@ -57,7 +60,7 @@ SHAPES = [
     (1, 256, 256, 256),
     (1, 128, 512, 512),
 ]
-DRY_RUN_SHAPES = [(1, 320, 4, 4), (1, 96, 7, 9)]
+DRY_RUN_SHAPES = [(1, 320, 4, 4), (1, 96, 7, 9), (1, 320, 33, 33)]  # one-pass, one-pass, split
 FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 GROUPS = 32
 
@@ -83,15 +86,18 @@ def measure(kernels, shape, layout: str, on_cuda: bool, copy: float | None) -> d
     warm_ms, launch_ms = harness.time_ms(lambda: ours(x), on_cuda)
     torch_ms = harness.time_cold_ms(lambda x: torch_gn_silu(x, w, b), xs, on_cuda)
     torch_warm_ms = harness.time_ms(lambda: torch_gn_silu(x, w, b), on_cuda)[0]
-    tile2k_ms = harness.time_cold_ms(lambda x: ours(x, tile=2048), xs, on_cuda)
+    plan = importlib.import_module("sdrt.kernels.group_norm").plan_for(x, GROUPS)  # the module, not the function
+    twopass_ms = tile2k_ms = gpp1_ms = nopdl_ms = fwd_ms = None
+    if plan.one_pass:  # none of the split kernels' knobs apply
+        twopass_ms = harness.time_cold_ms(lambda x: ours(x, one_pass=False), xs, on_cuda)
+    else:
+        tile2k_ms = harness.time_cold_ms(lambda x: ours(x, tile=2048), xs, on_cuda)
     # These two on channels-last only, the layout sdrt's torch backend runs (each is another set of compiles).
-    gpp1_ms = nopdl_ms = fwd_ms = None
-    if layout == "nhwc":
+    if layout == "nhwc" and not plan.one_pass:
         gpp1_ms = harness.time_cold_ms(lambda x: ours(x, groups_per_program=1), xs, on_cuda)
         nopdl_ms = harness.time_cold_ms(lambda x: ours(x, pdl=False), xs, on_cuda)
     if x.numel() * x.element_size() >= 16 << 20:  # L2 reuse only matters where x does not fit
         fwd_ms = harness.time_cold_ms(lambda x: ours(x, reverse_apply=False), xs, on_cuda)
-    plan = importlib.import_module("sdrt.kernels.group_norm").plan_for(x, GROUPS)  # the module, not the function
     nbytes = 2 * x.numel() * x.element_size()
     gbps = nbytes / ms * 1e-6
     return {
@@ -100,7 +106,8 @@ def measure(kernels, shape, layout: str, on_cuda: bool, copy: float | None) -> d
         "warm_ms": warm_ms, "warm_gbps": nbytes / warm_ms * 1e-6,
         "torch_ms": torch_ms, "torch_gbps": nbytes / torch_ms * 1e-6, "torch_warm_ms": torch_warm_ms,
         "speedup": torch_ms / ms, "launch_ms": launch_ms,
-        "gpp": plan.gpp, "split": plan.split, "finalize": plan.finalize, "tile2k_ms": tile2k_ms, "gpp1_ms": gpp1_ms,
+        "gpp": plan.gpp, "split": plan.split, "finalize": plan.finalize, "one_pass": plan.one_pass,
+        "twopass_ms": twopass_ms, "tile2k_ms": tile2k_ms, "gpp1_ms": gpp1_ms,
         "nopdl_ms": nopdl_ms, "fwd_ms": fwd_ms,
         "max_abs_err": err, "copy_gbps": copy, "device": harness.device_name(on_cuda),
     }
@@ -122,20 +129,20 @@ def print_table(rows: list[dict]) -> None:
           f"GB/s = 2 * numel * 2 bytes / time, cold L2; copy ceiling {copy or float('nan'):.0f} GB/s; "
           "torch = F.group_norm + F.silu")
     header = (f"{'N':>3}{'C':>6}{'HxW':>9}{'layout':>7}{'ms':>10}{'GB/s':>7}{'%copy':>7}{'warm ms':>9}"
-              f"{'torch ms':>10}{'speedup':>9}{'tile2k ms':>10}{'gpp1 ms':>9}{'no-PDL ms':>10}{'fwd ms':>9}"
+              f"{'torch ms':>10}{'speedup':>9}{'2-pass ms':>10}{'tile2k ms':>10}{'gpp1 ms':>9}{'no-PDL ms':>10}"
+              f"{'fwd ms':>9}"
               f"{'plan':>12}"
               f"{'max err':>10}")
     print(header)
     print("-" * len(header))
     for r in rows:
         pct = f"{r['pct_copy']:.0f}" if r["pct_copy"] is not None else "-"
-        gpp1 = f"{r['gpp1_ms']:.4f}" if r["gpp1_ms"] is not None else "-"
-        nopdl = f"{r['nopdl_ms']:.4f}" if r["nopdl_ms"] is not None else "-"
-        fwd = f"{r['fwd_ms']:.4f}" if r["fwd_ms"] is not None else "-"
-        plan = f"{r['gpp']}x{r['split']}{'+f' if r['finalize'] else ''}"
+        two, tile2k, gpp1, nopdl, fwd = (f"{r[k]:.4f}" if r[k] is not None else "-"
+                                         for k in ("twopass_ms", "tile2k_ms", "gpp1_ms", "nopdl_ms", "fwd_ms"))
+        plan = "one-pass" if r["one_pass"] else f"{r['gpp']}x{r['split']}{'+f' if r['finalize'] else ''}"
         print(f"{r['N']:>3}{r['C']:>6}{str(r['H']) + 'x' + str(r['W']):>9}{r['layout']:>7}{r['ms']:>10.4f}"
               f"{r['gbps']:>7.0f}{pct:>7}{r['warm_ms']:>9.4f}{r['torch_ms']:>10.4f}{r['speedup']:>8.2f}x"
-              f"{r['tile2k_ms']:>10.4f}{gpp1:>9}"
+              f"{two:>10}{tile2k:>10}{gpp1:>9}"
               f"{nopdl:>10}{fwd:>9}{plan:>12}{r['max_abs_err']:>10.1e}")
 
 

@@ -84,9 +84,11 @@ def resources(compiled) -> dict:
             "gdc": "griddepcontrol" in ptx}
 
 
-def group_norm_rows(shapes=GROUP_NORM_SHAPES, layouts=tuple(FORMATS), adds=(False, True)) -> list[dict]:
+def group_norm_rows(shapes=GROUP_NORM_SHAPES, layouts=tuple(FORMATS), adds=(False, True),
+                    one_pass: bool | None = None) -> list[dict]:
     """adds: without and with the fused per-channel add (the resnets' norm2 takes the time embedding); the add is
-    compiled in channels-last only, the layout the torch backend runs."""
+    compiled in channels-last only, the layout the torch backend runs. one_pass: GroupNormTuning's (None: the
+    default plan, one kernel at SD's 8^2 and 16^2 levels)."""
     gn = importlib.import_module("sdrt.kernels.group_norm")
     rows = []
     for N, C, H, W in shapes:
@@ -95,7 +97,7 @@ def group_norm_rows(shapes=GROUP_NORM_SHAPES, layouts=tuple(FORMATS), adds=(Fals
             x = torch.empty(N, C, H, W, dtype=torch.float16).contiguous(memory_format=memory_format)
             w = torch.empty(C, dtype=torch.float16)
             # the plan as on an H100 (132 SMs), not this CPU's
-            plan = gn._plan(N, C, H * W, GROUPS, 2, layout == "nhwc", gn._PROGRAMS_PER_SM * 132)
+            plan = gn._plan(N, C, H * W, GROUPS, 2, layout == "nhwc", gn._PROGRAMS_PER_SM * 132, one_pass=one_pass)
             for add in adds if layout == "nhwc" else (False,):
                 a = torch.empty(N, C, dtype=torch.float16) if add else None
                 for kernel, grid, args, kwargs in gn.launches(x, torch.empty_like(x), GROUPS, w, w, 1e-5, True, plan,

@@ -24,6 +24,13 @@ FORMATS = [
     pytest.param(torch.contiguous_format, id="nchw"),
     pytest.param(torch.channels_last, id="nhwc"),
 ]
+# Both plans: one kernel holding a whole group (the default where it fits: every CPU shape below), and the split
+# statistics + apply kernels (what larger shapes run).
+DEFAULT, TWO_PASS = GroupNormTuning(), GroupNormTuning(one_pass=False)
+PATHS = [
+    pytest.param(GroupNormTuning(one_pass=True), id="one-pass"),
+    pytest.param(TWO_PASS, id="two-pass"),
+]
 
 # (N, C, H, W), always 32 groups.
 CPU_SHAPES = [
@@ -38,6 +45,9 @@ CPU_SHAPES = [
 GPU_SHAPES = [pytest.param(2, c, s, s, id=f"c{c}-{s}x{s}")
               for c in (320, 640, 960, 1280, 1920, 2560) for s in (64, 128)]
 GPU_SHAPES += [pytest.param(1, c, s, s, id=f"vae-c{c}-{s}x{s}") for c, s in ((512, 128), (256, 256), (128, 512))]
+# The levels the one-pass plan takes: SD 1.5's 8^2 and 16^2 (1920, 2560: skip concatenations), SD 2's 12^2.
+SMALL_SD_SHAPES = [pytest.param(2, c, s, s, id=f"c{c}-{s}x{s}")
+                   for c, s in ((1280, 8), (2560, 8), (640, 16), (1280, 16), (1920, 16), (1280, 12))]
 
 
 def _inputs(N, C, H, W, dtype, memory_format):
@@ -49,33 +59,67 @@ def _inputs(N, C, H, W, dtype, memory_format):
     return x, weight, bias
 
 
-def _check(x, weight, bias, silu, atol, rtol, num_groups=32):
-    y = group_norm(x, num_groups, weight, bias, eps=1e-5, silu=silu)
+def _check(x, weight, bias, silu, atol, rtol, num_groups=32, tuning=DEFAULT):
+    y = group_norm(x, num_groups, weight, bias, eps=1e-5, silu=silu, tuning=tuning)
     assert y.shape == x.shape and y.dtype == x.dtype and y.stride() == x.stride()  # same memory format
     torch.testing.assert_close(y, group_norm_ref(x, num_groups, weight, bias, 1e-5, silu), atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("tuning", PATHS)
 @pytest.mark.parametrize("silu", [False, True], ids=["plain", "silu"])
 @pytest.mark.parametrize("memory_format", FORMATS)
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
 @pytest.mark.parametrize("N, C, H, W", CPU_SHAPES)
-def test_group_norm_matches_ref(N, C, H, W, dtype, atol, rtol, memory_format, silu):
-    _check(*_inputs(N, C, H, W, dtype, memory_format), silu, atol, rtol)
+def test_group_norm_matches_ref(N, C, H, W, dtype, atol, rtol, memory_format, silu, tuning):
+    _check(*_inputs(N, C, H, W, dtype, memory_format), silu, atol, rtol, tuning=tuning)
+
+
+@pytest.mark.parametrize("memory_format", FORMATS)
+# On CPU (3-5 s each in the interpreter) the widest group, the 8-byte-aligned one and the odd H*W.
+@pytest.mark.parametrize("N, C, H, W", SMALL_SD_SHAPES if CUDA else [SMALL_SD_SHAPES[i] for i in (1, 4, 5)])
+def test_group_norm_one_pass_at_sd_small_levels(N, C, H, W, memory_format):
+    # Full size: one kernel, one group a program, which matches the reference and the split kernels' result.
+    x, w, b = _inputs(N, C, H, W, torch.float16, memory_format)
+    add = torch.randn(N, C, device=DEVICE).to(torch.float16)
+    p = plan_for(x, 32)
+    assert p.one_pass and p.gpp == 1 and p.split == 1 and p.block_hw >= H * W and p.n_chunks == 32
+    y = group_norm(x, 32, w, b, silu=True, add=add)
+    torch.testing.assert_close(y, group_norm_ref(x, 32, w, b, silu=True, add=add), atol=1e-3, rtol=2e-3)
+    two = group_norm(x, 32, w, b, silu=True, add=add, tuning=TWO_PASS)
+    torch.testing.assert_close(y, two, atol=2e-3, rtol=4e-3)  # each within the reference's tolerance
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_group_norm_one_pass_only_where_a_group_fits(channels_last):
+    # 16384 padded elements a program: SD's 8^2 and 16^2 levels (up to 64 channels a group at 16^2), not 32^2 and up.
+    def plan(C, s):
+        return _plan(2, C, s * s, 32, 2, channels_last, 4 * 132)
+
+    assert all(plan(C, 8).one_pass for C in (320, 640, 1280, 2560))
+    assert plan(1920, 16).one_pass and plan(1280, 16).one_pass and not plan(2560, 16).one_pass
+    sd_larger = [(640, 32), (960, 32), (1280, 32), (320, 64), (640, 64), (960, 64), (320, 128), (640, 128)]
+    assert not any(plan(C, s).one_pass for C, s in sd_larger)
+    assert plan(2560, 16).split > 1  # the split kernels instead
+    with pytest.raises(ValueError, match="one_pass=True needs a chunk of at most 16384 elements"):
+        _plan(2, 2560, 16 * 16, 32, 2, channels_last, 4 * 132, one_pass=True)
 
 
 @cuda_only
 @pytest.mark.parametrize("memory_format", FORMATS)
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
-@pytest.mark.parametrize("N, C, H, W", GPU_SHAPES)
+@pytest.mark.parametrize("N, C, H, W", GPU_SHAPES + SMALL_SD_SHAPES)
 def test_group_norm_sd_shapes(N, C, H, W, dtype, atol, rtol, memory_format):
     _check(*_inputs(N, C, H, W, dtype, memory_format), True, atol, rtol)
 
 
 @pytest.mark.parametrize("memory_format", FORMATS)
 @pytest.mark.parametrize("tuning", [
-    *(pytest.param(GroupNormTuning(groups_per_program=g), id=f"gpp{g}") for g in (1, 3, 5, 32)),  # 3, 5: short last
-    pytest.param(GroupNormTuning(tile=64), id="tile64"),  # several tiles a program, and tiles narrower than a chunk
-    pytest.param(GroupNormTuning(tile=64, reverse_apply=False), id="tile64-forward"),
+    # 3, 5: the last chunk short
+    *(pytest.param(GroupNormTuning(groups_per_program=g, one_pass=False), id=f"gpp{g}") for g in (1, 3, 5, 32)),
+    *(pytest.param(GroupNormTuning(groups_per_program=g, one_pass=True), id=f"one-pass-gpp{g}") for g in (3, 5)),
+    # several tiles a program, and tiles narrower than a chunk
+    pytest.param(GroupNormTuning(tile=64, one_pass=False), id="tile64"),
+    pytest.param(GroupNormTuning(tile=64, reverse_apply=False, one_pass=False), id="tile64-forward"),
 ])
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES[:2])
 def test_group_norm_any_tuning(tuning, dtype, atol, rtol, memory_format):
@@ -93,8 +137,8 @@ def test_group_norm_both_statistics_paths(memory_format, finalize):
     # reduces its 2 partials; channels-last takes 6 groups a program, splits each chunk in 10 and reduces the
     # 6 x 10 partials in a third kernel.
     x, w, b = _inputs(1, 320, 24, 25, torch.float32, memory_format)
-    assert plan_for(x, 32).finalize is finalize
-    y = group_norm(x, 32, w, b, silu=True)
+    assert plan_for(x, 32, TWO_PASS).finalize is finalize
+    y = group_norm(x, 32, w, b, silu=True, tuning=TWO_PASS)
     torch.testing.assert_close(y, group_norm_ref(x, 32, w, b, silu=True), atol=1e-5, rtol=1e-5)
 
 
@@ -124,16 +168,19 @@ def test_group_norm_pdl_is_bitwise_serial(N, C, H, W, memory_format):
     # Programmatically dependent launches (where the GPU has them) only move when kernels start, never what they
     # compute: the same bits as plain launches, in every plan (finalize kernel or not).
     x, w, b = _inputs(N, C, H, W, torch.float16, memory_format)
-    pdl, plain = (group_norm(x, 32, w, b, silu=True, tuning=GroupNormTuning(pdl=p)) for p in (True, False))
+    pdl, plain = (group_norm(x, 32, w, b, silu=True, tuning=GroupNormTuning(pdl=p, one_pass=False))
+                  for p in (True, False))
     assert torch.equal(pdl, plain)
 
 
 @pytest.mark.parametrize("memory_format", FORMATS)
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
 @pytest.mark.parametrize("N, C, H, W, tuning", [
-    pytest.param(2, 320, 5, 7, GroupNormTuning(), id="c320-5x7"),  # nhwc: 12-group chunks, the last one short
-    pytest.param(1, 320, 24, 25, GroupNormTuning(), id="c320-24x25-split"),  # several programs a group (+finalize)
-    pytest.param(2, 96, 3, 4, GroupNormTuning(groups_per_program=1), id="c96-gpp1"),
+    pytest.param(2, 320, 5, 7, GroupNormTuning(), id="c320-5x7-one-pass"),
+    # split plans: nhwc's 12-group chunks with the last one short; several programs a group (+ finalize); gpp 1
+    pytest.param(2, 320, 5, 7, TWO_PASS, id="c320-5x7"),
+    pytest.param(1, 320, 24, 25, TWO_PASS, id="c320-24x25-split"),
+    pytest.param(2, 96, 3, 4, GroupNormTuning(groups_per_program=1, one_pass=False), id="c96-gpp1"),
 ])
 def test_group_norm_fused_add(N, C, H, W, tuning, dtype, atol, rtol, memory_format):
     # SD's resnet norm2 input: h + temb[:, :, None, None], the time embedding per sample and channel, here with an
@@ -163,16 +210,18 @@ def test_group_norm_apply_order_changes_no_bits(memory_format):
     # The apply pass walks its slice from the end (for L2) or the front: every output element is computed by the
     # same expression either way. 64-element tiles: several tiles a program, the last one partial (HW = 5 * 7).
     x, w, b = _inputs(2, 320, 5, 7, torch.float16, memory_format)
-    rev, fwd = (group_norm(x, 32, w, b, silu=True, tuning=GroupNormTuning(tile=64, reverse_apply=r))
+    rev, fwd = (group_norm(x, 32, w, b, silu=True, tuning=GroupNormTuning(tile=64, reverse_apply=r, one_pass=False))
                 for r in (True, False))
-    assert plan_for(x, 32, GroupNormTuning(tile=64)).hw_per_program > plan_for(x, 32, GroupNormTuning(tile=64)).block_hw
+    plan = plan_for(x, 32, GroupNormTuning(tile=64, one_pass=False))
+    assert plan.hw_per_program > plan.block_hw
     assert torch.equal(rev, fwd)
 
 
-def test_group_norm_no_affine_and_other_groups():
+@pytest.mark.parametrize("tuning", PATHS)
+def test_group_norm_no_affine_and_other_groups(tuning):
     x, _, _ = _inputs(2, 64, 5, 6, torch.float32, torch.channels_last)
-    _check(x, None, None, False, 1e-5, 1e-5)
-    _check(x, None, None, True, 1e-5, 1e-5, num_groups=4)
+    _check(x, None, None, False, 1e-5, 1e-5, tuning=tuning)
+    _check(x, None, None, True, 1e-5, 1e-5, num_groups=4, tuning=tuning)
 
 
 def test_group_norm_non_dense_input():
@@ -184,13 +233,14 @@ def test_group_norm_non_dense_input():
     torch.testing.assert_close(y, group_norm_ref(x, 32, w, b, silu=True), atol=1e-5, rtol=1e-5)
 
 
-def test_group_norm_large_mean():
-    # |mean| = 100 >> std = 0.02: E[x^2] - E[x]^2 in fp32 would lose most digits; the shifted sums do not.
-    # Checked against fp64, since fp32 F.group_norm itself is off by ~5e-4 here.
+@pytest.mark.parametrize("tuning", PATHS)
+def test_group_norm_large_mean(tuning):
+    # |mean| = 100 >> std = 0.02: E[x^2] - E[x]^2 in fp32 would lose most digits; the shifted sums (two-pass) and
+    # the exact two-pass statistics (one-pass) do not. Checked against fp64: fp32 F.group_norm is off by ~5e-4 here.
     for memory_format in (torch.contiguous_format, torch.channels_last):
         x, w, b = _inputs(1, 320, 6, 6, torch.float32, memory_format)
         x = x * 0.01 + 100.0
-        y = group_norm(x, 32, w, b, silu=True)
+        y = group_norm(x, 32, w, b, silu=True, tuning=tuning)
         ref = F.silu(F.group_norm(x.double(), 32, w.double(), b.double()))
         torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
 

@@ -21,9 +21,10 @@ pytestmark = pytest.mark.skipif(not PTXAS.exists(), reason="this Triton has no b
 SCRIPT = """
 import importlib, json, sm90_report as r
 att = importlib.import_module("sdrt.kernels.attention")
-# 2 x 320 x 16^2 channels-last: 12 groups a program, 8 programs a chunk, so all three kernels (finalize too),
-# with and without the fused add.
-print(json.dumps({"group_norm": r.group_norm_rows([(2, 320, 16, 16)], ["nhwc"]),
+# 2 x 320 x 16^2 channels-last in the split plan: 12 groups a program, 8 programs a chunk, so all three kernels
+# (finalize too), with and without the fused add. 2 x 1280 x 16^2 in the default plan: one kernel.
+print(json.dumps({"group_norm": r.group_norm_rows([(2, 320, 16, 16)], ["nhwc"], one_pass=False),
+                  "group_norm_one_pass": r.group_norm_rows([(2, 1280, 16, 16)], ["nchw", "nhwc"]),
                   "attention": r.attention_rows([("d40", 2, 8, 256, 256, 40)], att._CONFIGS[:1]),
                   "geglu": r.geglu_rows([("sd15-64x64", 8192, 1280)]),
                   "layer_norm": r.layer_norm_rows([("sd15-64x64", 8192, 320), ("sd15-16x16", 512, 1280)])}))
@@ -53,6 +54,16 @@ def test_group_norm_channels_last_uses_16_byte_accesses(compiled):
         assert _widths(kernels["group_norm_apply_kernel"]["ld"])[0] >= 2
         assert _widths(kernels["group_norm_apply_kernel"]["st"])[0] >= 2
         assert all(k["stack"] == 0 and k["gdc"] for k in kernels.values())  # no spills; PDL's griddepcontrol there
+
+
+def test_group_norm_one_pass_uses_16_byte_accesses(compiled):
+    # SD's 16^2 level at 1280 channels (40 a group, 80 bytes a pixel in channels-last): the whole group in one
+    # program's registers (256 x 64 lanes over 16 warps), still 16-byte loads and stores of x and y, no spills.
+    rows = compiled["group_norm_one_pass"]
+    assert {(r["layout"], r["add"]) for r in rows} == {("nchw", False), ("nhwc", False), ("nhwc", True)}
+    for r in rows:
+        assert r["kernel"] == "group_norm_one_pass_kernel" and r["grid"] == "64" and r["stack"] == 0
+        assert _widths(r["ld"])[0] >= 4 and _widths(r["st"]) == (4, 0, 0)
 
 
 def test_attention_two_tile_head_dim_uses_tensor_cores(compiled):
