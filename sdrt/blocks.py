@@ -7,6 +7,7 @@ same names, so state dicts keep their keys.
 
     SdrtAttnProcessor   Attention: fused q/k/v projections, flash attention written token-major (no transposing copy)
     text_kv_once        a scope in which cross-attention projects the text to K/V once, not once a step
+    no_text_kv          a scope without that cache (what a CUDA-graph recording runs in)
     StepEmbedding       step i's time embedding, precomputed for every step: each ResnetBlock reads its row
     GroupNormAct        nn.GroupNorm (+ SiLU, + a per-channel add before the statistics) in one kernel
     ResnetBlock         ResnetBlock2D: both GroupNorm+SiLU fused, the time-embedding add folded into norm2
@@ -48,7 +49,22 @@ def text_kv_once():
     (CFG batch 2), SDXL 70 of (154, 2048) x (2048, 2C), ~105 GFLOP a step. Keyed on the object, not its values
     (comparing them would read them back to the host): the caller must not write into the conditioning inside the
     block; another tensor is projected anew. The K/V live until the block ends (fp16: sd15 8 MB, SDXL 51 MB)."""
-    token = _TEXT_KV.set({})
+    with _text_kv_cache({}):
+        yield
+
+
+@contextmanager
+def no_text_kv():
+    """Within this block no K/V are cached or reused, even inside a text_kv_once block. For CUDA-graph recordings
+    (sdrt.graphs.capture): one made inside a caller's block would record no projection for K/V its warm-up
+    cached, and its replays would read those tensors with new text, after the block has freed them."""
+    with _text_kv_cache(None):
+        yield
+
+
+@contextmanager
+def _text_kv_cache(cache: dict | None):
+    token = _TEXT_KV.set(cache)
     try:
         yield
     finally:

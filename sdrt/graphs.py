@@ -22,17 +22,29 @@ from collections.abc import Callable
 import torch
 from torch.utils._pytree import tree_map
 
+from sdrt.blocks import no_text_kv
+
 
 def capture(run: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
-    """(graph, output of the recorded run). The output lives in the graph's pool: each replay overwrites it."""
+    """(graph, output of the recorded run). The output lives in the graph's pool: each replay overwrites it.
+
+    Both runs are outside any text K/V cache of the caller's (sdrt.blocks.no_text_kv): the graph records its own
+    projections. A recording that fails (a host sync inside run) raises, with the caller's stream current again:
+    torch.cuda.graph's exit raises from capture_end before it restores the stream, and the caller's uncaptured
+    fallback would otherwise run on the dead capture's stream, unordered with the rest of its work."""
+    stream = torch.cuda.current_stream()
     side = torch.cuda.Stream()  # warm-up on a side stream, as torch.cuda.graphs advises
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
+    side.wait_stream(stream)
+    with no_text_kv():
+        with torch.cuda.stream(side):
+            run()
+        stream.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                out = run()
+        finally:
+            torch.cuda.set_stream(stream)
     return graph, out
 
 

@@ -207,6 +207,15 @@ def test_text_kv_is_projected_once_per_tensor_in_scope(tiny):
         torch.testing.assert_close(out, ref, atol=0, rtol=0)
     _run_unet(unet, x, t, e)
     assert len(calls) == 4 * len(cross)  # the scope is over: nothing kept
+    # no_text_kv (what a CUDA-graph recording runs in) inside the scope: neither reuses the scope's K/V nor leaves
+    # any for the calls after it
+    with blocks.text_kv_once():
+        _run_unet(unet, x, t, e)
+        with blocks.no_text_kv():
+            torch.testing.assert_close(_run_unet(unet, x, t, e), refs[0], atol=0, rtol=0)
+            _run_unet(unet, x, t, e)
+        _run_unet(unet, x, t, e)
+    assert len(calls) == 7 * len(cross)  # the scope's first call, both calls without a cache; the last one reused
 
 
 def test_geglu_pass(tiny):

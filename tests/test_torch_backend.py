@@ -234,6 +234,24 @@ def test_captured_stages_match_uncaptured(precision):
     assert len(graphed.unet_graphs) == 1 and all(v is not None for v in graphed.unet_graphs.entries.values())
 
 
+@cuda
+def test_unet_verb_recorded_inside_a_text_kv_scope(tiny):
+    # A caller's own loop in text_kv_once(), over the recorded unet verb: the recording projects the text it is
+    # given on every replay. Recorded inside the scope without no_text_kv, its warm-up cached K/V for the first
+    # text and the graph reused them for the second.
+    from sdrt.blocks import text_kv_once
+
+    graphed = TorchBackend(copy.deepcopy(tiny), Precision.FP32, "cuda")
+    plain = TorchBackend(copy.deepcopy(tiny), Precision.FP32, "cuda", TorchOptions(cuda_graph=False))
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([999.0, 999.0])
+    with text_kv_once():
+        for _ in range(2):
+            e = torch.randn(2, 77, 64, generator=g)
+            torch.testing.assert_close(graphed.unet(x, t, e), plain.unet(x, t, e), atol=1e-3, rtol=0)
+    assert len(graphed.unet_graphs) == 1
+
+
 def test_stages_and_loop_have_no_host_sync():
     # What a CUDA graph cannot record is a read back to the host (.item(), a tensor in an `if`) or a tensor made on
     # the CPU inside forward. On the meta device both fail, so this is the CPU check that the stage verbs' modules

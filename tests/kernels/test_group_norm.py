@@ -195,10 +195,37 @@ def test_group_norm_fused_add(N, C, H, W, tuning, dtype, atol, rtol, memory_form
     torch.testing.assert_close(group_norm_ref(x, 32, w, b, silu=True, add=add).float(), ref, atol=atol, rtol=rtol)
 
 
+@cuda_only
+@pytest.mark.parametrize("memory_format", FORMATS)
+@pytest.mark.parametrize("N, C, H, W", [(2, 320, 64, 64), (2, 1280, 16, 16)], ids=["split", "one-pass"])
+def test_group_norm_in_a_cuda_graph(N, C, H, W, memory_format):
+    # As the torch backend's captured loop runs it: recorded in a CUDA graph (the split plan's kernels launched
+    # programmatically dependent on Hopper, a finalize kernel in channels-last; or the one-pass kernel), replayed
+    # with new inputs copied into the recorded ones: the same bits as plain calls.
+    x, w, b = _inputs(N, C, H, W, torch.float16, memory_format)
+    add = torch.randn(N, C, device=DEVICE).to(torch.float16)
+    static, static_add = x.clone(), add.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and autotune outside the recording
+        group_norm(static, 32, w, b, silu=True, add=static_add)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = group_norm(static, 32, w, b, silu=True, add=static_add)
+    for seed in (0, 1):
+        x2, _, _ = _inputs(N, C, H, W, torch.float16, memory_format)
+        add2 = torch.randn(N, C, device=DEVICE).to(torch.float16) * (seed + 1)
+        static.copy_(x2)
+        static_add.copy_(add2)
+        graph.replay()
+        assert torch.equal(y, group_norm(x2, 32, w, b, silu=True, add=add2))
+
+
 def test_group_norm_fused_add_strided_and_errors():
     # A (N, C) view with a non-unit channel stride (e.g. one half of a chunked projection) is copied, not misread.
     x, w, b = _inputs(2, 64, 4, 4, torch.float32, torch.channels_last)
-    add = torch.randn(2, 128)[:, ::2]
+    add = torch.randn(2, 128, device=DEVICE)[:, ::2]
     y = group_norm(x, 32, w, b, add=add)
     torch.testing.assert_close(y, group_norm_ref(x, 32, w, b, add=add), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match=r"add must have shape \(2, 64\)"):
