@@ -99,6 +99,48 @@ def vs_baseline(results: list[dict], baseline: str = "diffusers:fp16") -> str:
     return "\n".join(lines)
 
 
+def targets_markdown(results: list[dict], kernels: list[dict]) -> str:
+    """Issue 6's targets against this run's figures (it names them for an H100; the row says which GPU ran)."""
+    def row(target, figure, met):
+        return f"| {target} | {figure} | {'-' if met is None else 'met' if met else '**not met**'} |"
+
+    def ok(rows):
+        return [r for r in rows if not r.get("skipped")]
+
+    lines = ["| target | this run | |", "|---|---|---|"]
+    gn = ok(r for r in kernels if r.get("benchmark") == "bench_group_norm")
+    if gn:
+        worst = min(gn, key=lambda r: r["speedup"])
+        lines.append(row("GroupNorm+SiLU >= 1.5x `F.group_norm`+`F.silu`, fp16, SD shapes (cold, GPU time)",
+                         f"{worst['speedup']:.2f}x at worst ({worst['N']}x{worst['C']}x{worst['H']}x{worst['W']} "
+                         f"{worst['layout']}), over {len(gn)} shapes and layouts", worst["speedup"] >= 1.5))
+        pct = [r for r in gn if r.get("pct_copy") is not None]
+        if pct:
+            best = max(pct, key=lambda r: r["pct_copy"])
+            n70 = sum(r["pct_copy"] >= 70 for r in pct)
+            lines.append(row("GroupNorm+SiLU >= 70% of memory bandwidth (of a device copy in the same run)",
+                             f"best {best['pct_copy']:.0f}% ({best['N']}x{best['C']}x{best['H']}x{best['W']} "
+                             f"{best['layout']}); {n70} of {len(pct)} rows at >= 70%", best["pct_copy"] >= 70))
+    att = ok(r for r in kernels if r.get("benchmark") == "bench_attention")
+    for d in (40, 80, 160):
+        at_d = [r for r in att if r.get("d") == d]
+        if at_d:
+            worst = min(at_d, key=lambda r: r["speedup"])
+            lines.append(row(f"attention >= torch SDPA ({worst.get('torch_backend', 'flash')}) at head size {d}",
+                             f"{worst['speedup']:.2f}x at worst ({worst['shape']}), over {len(at_d)} shapes",
+                             worst["speedup"] >= 1.0))
+    by_name = {r["backend"]: r for r in results if not r.get("skipped")}
+    ours, base = by_name.get("torch:fp16"), by_name.get("diffusers:fp16")
+    if ours and base:
+        x = base["e2e_ms"]["p50"] / ours["e2e_ms"]["p50"]
+        lines.append(row("pipeline (the suite's model, size and steps), fp16, >= 2x eager diffusers (fp16 + SDPA)",
+                         f"{base['e2e_ms']['p50']:.0f} -> {ours['e2e_ms']['p50']:.0f} ms, {x:.2f}x", x >= 2.0))
+    if ours:
+        lines.append(row("aim: <= 0.35 s end to end", f"{ours['e2e_ms']['p50'] / 1e3:.3f} s",
+                         ours["e2e_ms"]["p50"] <= 350))
+    return "\n".join(lines) if len(lines) > 2 else "(no rows to compare)"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="directory for gpu_suite.json, gpu_suite.md and gpu_suite.png")
@@ -122,6 +164,7 @@ def main(argv=None) -> int:
                        "wall_s": round(time.perf_counter() - started, 1)}
     text = "\n\n".join(["## sdrt GPU suite" + (" (dry run: tiny, CPU)" if args.dry_run else ""),
                         bench_report.markdown(report), vs_baseline(report["results"]),
+                        "### Issue 6's targets", targets_markdown(report["results"], kernels),
                         "### Kernels", kernels_markdown(kernels) or "(none)"])
     (out / "gpu_suite.json").write_text(bench_report.to_json(report))
     (out / "gpu_suite.md").write_text(text + "\n")

@@ -185,6 +185,8 @@ def test_gpu_suite_dry_run(tmp_path, cache):
     assert isinstance(report["kernels"], list) and report["kernels"]
     md = (tmp_path / "gpu_suite.md").read_text()
     assert "## sdrt GPU suite (dry run" in md and "### Kernels" in md
+    targets = md.split("### Issue 6's targets")[1].split("###")[0]  # every target with a figure from this run
+    assert "GroupNorm+SiLU >= 1.5x" in targets and "head size 40" in targets and ">= 2x eager diffusers" in targets
     assert "| torch:fp16 | UNet step |" in md  # every torch-run row is profiled
     torch_row = next(r for r in report["results"] if r["backend"] == "torch:fp16")
     assert 0 < torch_row["outside_loop_ms"] < torch_row["e2e_ms"]["p50"] and "outside the loop, ms" in md
