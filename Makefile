@@ -75,7 +75,7 @@ gpu-suite:
 # What a GPU lease is for, as one command that ends inside the device tool's 10-minute call (a second call after
 # the machine went idle pays its start again): the GPU tests, stopped after GPU_TEST_S by SIGINT so that pytest
 # still reports and writes what ran, then the suite in what is left of GPU_SESSION_S. Files in OUT: gpu_test.log,
-# gpu_test.xml (junit), gpu_suite.{json,md,png}. SUITE_ARGS=--dry-run tries it on a CPU.
+# gpu_test.xml (junit), gpu_suite.{json,md,png}, gpu_suite_kernels.md. SUITE_ARGS=--dry-run tries it on a CPU.
 GPU_SESSION_S ?= 540
 GPU_TEST_S ?= 200
 SUITE_ARGS ?=

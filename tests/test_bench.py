@@ -193,6 +193,11 @@ def test_gpu_suite_dry_run(tmp_path, cache):
     gn = [r for r in report["kernels"] if r["benchmark"] == "bench_group_norm"]
     assert gn and all(r["ms"] > 0 and r["gpp"] >= 1 for r in gn)
     assert (tmp_path / "gpu_suite.png").is_file()
+    assert "**bench_group_norm**" in (tmp_path / "gpu_suite_kernels.md").read_text()  # written before the rows ran
+    # past the kernels' share of the budget, no kernel benchmark starts: each says so
+    late = suite.run_kernel_benchmarks(True, deadline=0.0)
+    assert [r["benchmark"] for r in late] == [n.removesuffix(".py") for n in suite.KERNEL_BENCHMARKS]
+    assert all(r["skipped"].startswith("not started") for r in late)
 
 
 def test_rounds_stop_at_the_time_budget(monkeypatch):
