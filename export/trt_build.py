@@ -327,8 +327,11 @@ class TensorRTBuilder:
             config.set_preview_feature(trt.PreviewFeature.PROFILE_SHARING_0806, True)
         for flag in plan.builder_flags:
             config.set_flag(getattr(trt.BuilderFlag, flag))
-        cache = config.create_timing_cache(timing_cache or b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
+        # A cache from another GPU of the same compute capability (e.g. an RTX 4090's on an L4) is refused:
+        # set_timing_cache returns False, and the build then starts an empty cache instead of attaching none.
+        if not config.set_timing_cache(config.create_timing_cache(timing_cache or b""), ignore_mismatch=False):
+            log("the timing cache was made on another device: starting a new one")
+            config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
         for prof in plan.profiles:  # added in order: profile index i in the engine = plan.profiles[i]
             p = builder.create_optimization_profile()
             for name, r in prof.inputs.items():
@@ -340,7 +343,8 @@ class TensorRTBuilder:
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
             raise SdrtError(f"TensorRT failed to build {plan.name} (see its log above; --verbose shows more)")
-        return BuiltEngine(serialized, bytes(memoryview(config.get_timing_cache().serialize())))
+        timings = config.get_timing_cache()
+        return BuiltEngine(serialized, None if timings is None else bytes(memoryview(timings.serialize())))
 
     def refit(self, plan: ComponentPlan, engine: bytes) -> object:
         """New weights into an engine built with REFIT, straight from the ONNX file's initializers."""

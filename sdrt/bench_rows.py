@@ -246,7 +246,7 @@ def setup_row(spec: RowSpec, ctx: Context, components=None) -> LiveRow:
         onnx_dir, cold["export"], cached = export_onnx(ctx, onnx_precision(spec))
         t = time.perf_counter()
         if spec.kind == "tensorrt":
-            build_engines(onnx_dir, onnx_precision(spec), ctx)
+            build_engines(onnx_dir, onnx_precision(spec).partition("-")[0], ctx)
         backend = make_backend(spec.name, onnx_dir=onnx_dir, device=device)
         cold["build"] = time.perf_counter() - t
         notes = [f"ONNX export cached in {onnx_dir}"] if cached else []
@@ -269,10 +269,14 @@ def setup_row(spec: RowSpec, ctx: Context, components=None) -> LiveRow:
 
 def onnx_precision(spec: RowSpec) -> str:
     """Which export a row reads: OpenVINO picks its precision at compile time from the fp32 graphs; onnxruntime and
-    TensorRT read the export of their own precision (TensorRT builds fp16 engines from the fp16 graphs)."""
+    TensorRT read the export of their own precision (TensorRT builds fp16 engines from the fp16 graphs). TensorRT's
+    int8 is "int8-tensorrt": `sdrt export --int8-recipe tensorrt` (symmetric s8 activations; TensorRT refuses the
+    default recipe's u8), in a cache directory of its own beside onnxruntime's int8 export."""
     if spec.kind == "openvino":  # precision is a compile-time hint on the fp32 graphs, except the int8 export
         return "int8" if spec.precision == "int8" else "fp32"
-    return spec.precision or ("fp16" if spec.kind == "tensorrt" else "fp32")  # `sdrt build`'s default is fp16
+    if spec.kind == "tensorrt":
+        return "int8-tensorrt" if spec.precision == "int8" else spec.precision or "fp16"  # `sdrt build`'s default
+    return spec.precision or "fp32"
 
 
 def build_engines(onnx_dir: Path, precision: str, ctx: Context) -> None:
@@ -284,31 +288,35 @@ def build_engines(onnx_dir: Path, precision: str, ctx: Context) -> None:
               "--components", ",".join(names)] + ([] if r.guidance > 1.0 else ["--no-cfg"]), ctx.time_left())
 
 
-def export_onnx(ctx: Context, precision: str, log=None) -> tuple[Path, float, bool]:
+def export_onnx(ctx: Context, export: str, log=None) -> tuple[Path, float, bool]:
     """(dir, export seconds, cached?) in the onnxruntime backend's export cache ($SDRT_CACHE or ~/.cache/sdrt), so
     every ONNX row and `sdrt generate` share one export. A cached export's recorded time is reported, so a second
     benchmark run neither pays nor hides it. The export runs in a child process: the time budget can stop it, and
     its memory (an int8 calibration holds a second fp32 model) is gone when it ends. run_bench exports before it
-    loads anything (prepare_exports); a row then finds its result in ctx.exports."""
+    loads anything (prepare_exports); a row then finds its result in ctx.exports. export: a precision, or
+    PRECISION-RECIPE for an int8 recipe other than the default (onnx_precision)."""
     from sdrt.backends.onnxruntime import cache_dir
     from sdrt.export.onnx_manifest import read_manifest
 
-    done = ctx.exports.get(precision)
+    done = ctx.exports.get(export)
     if isinstance(done, Exception):
         raise done
     if done is not None:
         return done
+    precision, _, recipe = export.partition("-")
     key = ctx.source_hash or ctx.info.source_hash
-    out = cache_dir(key, precision)
+    out = cache_dir(key, export)
     m = read_manifest(out)
-    if m and m.get("precision") == precision and m.get("model", {}).get("source_hash") == key:
+    if (m and m.get("precision") == precision and m.get("model", {}).get("source_hash") == key
+            and (not recipe or m.get("int8", {}).get("settings", {}).get("recipe", {}).get("name") == recipe)):
         return out, sum(c.get("export_s") or 0.0 for c in m["components"].values()), True
     if log is not None:
-        log(f"ONNX {precision}: exporting into {out} (a child process; minutes for a full-size model)")
+        log(f"ONNX {export}: exporting into {out} (a child process; minutes for a full-size model)")
     t = time.perf_counter()
     arch = ["--arch", ctx.arch] if ctx.arch else []
-    sdrt_cli(["export", ctx.model, "-o", str(out), "--precision", precision, "--seed", str(ctx.seed), "-q", *arch],
-             ctx.time_left())
+    recipe_args = ["--int8-recipe", recipe] if recipe else []
+    sdrt_cli(["export", ctx.model, "-o", str(out), "--precision", precision, *recipe_args, "--seed", str(ctx.seed),
+              "-q", *arch], ctx.time_left())
     return out, time.perf_counter() - t, False
 
 

@@ -246,3 +246,34 @@ def test_exports_come_before_any_model_is_loaded(tmp_path, monkeypatch):
     rows = {r["backend"]: r for r in report["results"]}
     assert "out of memory" in rows["onnxruntime"]["skipped"] and "out of memory" in rows["onnxruntime:fp16"]["skipped"]
     check_row(rows["eager"], runs=1)
+
+
+def test_tensorrt_int8_reads_an_export_of_its_own_recipe(tmp_path, monkeypatch):
+    # TensorRT refuses the default int8 recipe's u8 activations (ONNX Runtime's): its rows export with
+    # `--int8-recipe tensorrt` into a cache directory of their own, and reuse only an export of that recipe.
+    from types import SimpleNamespace
+
+    from sdrt.export.onnx_manifest import FORMAT, write_manifest
+
+    from sdrt import bench_rows
+
+    assert [bench_rows.onnx_precision(bench_rows.parse_row(n)) for n in
+            ("tensorrt", "tensorrt:int8", "onnxruntime:int8", "openvino:int8")] == ["fp16", "int8-tensorrt", "int8",
+                                                                                    "int8"]
+    monkeypatch.setenv("SDRT_CACHE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(bench_rows, "sdrt_cli", lambda argv, timeout: calls.append(argv))
+    ctx = SimpleNamespace(exports={}, source_hash="ab" * 32, info=None, arch=None, model="tiny", seed=0,
+                          time_left=lambda: None)
+    out, _, cached = bench_rows.export_onnx(ctx, "int8-tensorrt")
+    assert not cached and out.name.endswith("-int8-tensorrt")
+    argv = calls[-1]
+    assert argv[argv.index("--precision") + 1] == "int8" and argv[argv.index("--int8-recipe") + 1] == "tensorrt"
+    out.mkdir(parents=True)
+    for recipe, reused in (("ort-cpu", False), ("tensorrt", True)):
+        write_manifest(out, {"format": FORMAT, "precision": "int8", "components": {},
+                             "model": {"source_hash": ctx.source_hash},
+                             "int8": {"settings": {"recipe": {"name": recipe}}}})
+        assert bench_rows.export_onnx(ctx, "int8-tensorrt")[2] is reused
+    ort_out, _, _ = bench_rows.export_onnx(ctx, "int8")  # onnxruntime's: the default recipe, its own directory
+    assert "--int8-recipe" not in calls[-1] and ort_out.name.endswith("-int8") and ort_out != out

@@ -131,19 +131,24 @@ class _Engine:
         self.slots: dict[tuple, _Slot] = {}
 
     def __call__(self, feeds: dict) -> dict:
+        import torch
+
         from sdrt.export.trt_profiles import select_profile
 
         if sorted(feeds) != sorted(self.inputs):
             raise SdrtError(f"the {self.name} engine takes {', '.join(self.inputs)}; got {', '.join(feeds)}")
         shapes = {n: tuple(feeds[n].shape) for n in self.inputs}
         sig = tuple(shapes.items())
-        slot = self.slots.get(sig)
-        if slot is None:
-            slot = self.slots[sig] = _Slot(self, shapes, select_profile(self.name, self.profiles, shapes))
-        for n, t in feeds.items():
-            slot.buffers[n].copy_(t)  # the graph reads these exact addresses; copy_ also casts the dtype
-        slot.run()
-        return {n: slot.buffers[n].clone() for n in self.outputs}  # the next call overwrites the buffers
+        # TensorRT creates contexts and enqueues on the current CUDA device: the engine's (cuda:1 with
+        # `--device cuda:1`), not whichever the caller had current
+        with torch.cuda.device(self.device):
+            slot = self.slots.get(sig)
+            if slot is None:
+                slot = self.slots[sig] = _Slot(self, shapes, select_profile(self.name, self.profiles, shapes))
+            for n, t in feeds.items():
+                slot.buffers[n].copy_(t)  # the graph reads these exact addresses; copy_ also casts the dtype
+            slot.run()
+            return {n: slot.buffers[n].clone() for n in self.outputs}  # the next call overwrites the buffers
 
 
 def create(precision=None, components=None, onnx_dir=None, device=None) -> TensorRTBackend:
