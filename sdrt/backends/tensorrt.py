@@ -4,8 +4,10 @@ Per component one deserialized engine. Per distinct input-shape signature of a c
 execution context set to the profile that fits the shapes (`select_profile`), static torch CUDA buffers bound
 with `set_tensor_address`, and a CUDA graph captured on the first call (after a warm-up run, which TensorRT
 needs to finish lazy initialisation outside the capture) and replayed after. Every context runs on torch's
-current stream and shares one scratch allocation (`activation memory`), sized once for the largest engine and
-profile: the components run one after another on one stream, never at the same time. Several contexts on one
+current stream (where that is the legacy default stream, on the backend's own stream, ordered with it both ways:
+TensorRT 10 adds a cudaStreamSynchronize around each enqueue on the default stream) and shares one scratch
+allocation (`activation memory`), sized once for the largest engine and profile: the components run one after
+another on one stream, never at the same time. Several contexts on one
 profile need TensorRT 10 (profile sharing; `sdrt build` also sets the 8.6 preview flag where it exists).
 
 Engines are only loaded through `engine_cache.load_trusted`: same TensorRT version, same GPU compute
@@ -97,7 +99,14 @@ class _Slot:
     def _enqueue(self) -> None:
         import torch
 
-        if not self.context.execute_async_v3(torch.cuda.current_stream(self.owner.device).cuda_stream):
+        current = torch.cuda.current_stream(self.owner.device)
+        stream = current if current.cuda_stream != 0 else self.owner.side_stream()  # a capture's is never 0
+        if stream is not current:
+            stream.wait_stream(current)  # the inputs copied in on the caller's stream
+        ok = self.context.execute_async_v3(stream.cuda_stream)
+        if stream is not current:
+            current.wait_stream(stream)  # the caller reads the outputs on its stream
+        if not ok:
             raise SdrtError(f"TensorRT failed to run {self.owner.name} on {self.shapes}")
 
     def run(self) -> None:
@@ -119,11 +128,11 @@ class _Slot:
 
 
 class _Engine:
-    def __init__(self, name: str, trt, engine, entry: dict, device, scratch, cuda_graphs: bool):
+    def __init__(self, name: str, trt, engine, entry: dict, device, scratch, cuda_graphs: bool, side_stream):
         from sdrt.export.trt_profiles import ComponentProfile
 
         self.name, self.trt, self.engine, self.device = name, trt, engine, device
-        self.scratch, self.cuda_graphs = scratch, cuda_graphs
+        self.scratch, self.cuda_graphs, self.side_stream = scratch, cuda_graphs, side_stream
         self.profiles = [ComponentProfile.from_json(p) for p in entry["profiles"]]
         io = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.inputs = [n for n in io if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
@@ -205,8 +214,17 @@ class TensorRTBackend:
             size = max(_device_memory_size(e) for e in engines.values())
             self._scratch = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
         self._runtime = runtime  # engines must not outlive their runtime
+        self._stream = None  # one for all engines: they share the scratch memory, so they must not overlap
         self.engines = {n: _Engine(n, trt, e, manifest["engines"][n], self.device, lambda: self._scratch,
-                                   cuda_graphs) for n, e in engines.items()}
+                                   cuda_graphs, self._side_stream) for n, e in engines.items()}
+
+    def _side_stream(self):
+        """The stream engines run on when the caller's is the legacy default stream (made on first use)."""
+        import torch
+
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        return self._stream
 
     def _engine(self, name: str) -> _Engine:
         if name not in self.engines:
