@@ -75,9 +75,7 @@ def sdrt_kernels_as_ops(census: Census):
     gn = importlib.import_module("sdrt.kernels.group_norm")  # the module (sdrt.kernels.group_norm is the function)
 
     def group_norm(x, num_groups, weight, bias, eps=1e-5, silu=False, *, add=None, tuning=None):
-        N, C, H, W = x.shape  # the plan an H100 (132 SMs) runs: one kernel, or stats (+ finalize) + apply
-        p = gn._plan(N, C, H * W, num_groups, x.element_size(), x.is_contiguous(memory_format=torch.channels_last),
-                     gn._PROGRAMS_PER_SM * 132)
+        p = gn.plan_for(x, num_groups, sms=132)  # as an H100 runs it: one kernel, or stats (+ finalize) + apply
         reads = 1 if p.one_pass else 2  # the split plan reads x for its statistics, then again to normalise
         census.record("sdrt.group_norm", (reads + 1) * _nbytes([x]), tuple(x.shape),
                       1 if p.one_pass else 2 + p.finalize)

@@ -141,6 +141,18 @@ def _group_stats(PARTIAL, rows, row_mask, SPLIT, inv_count, eps, BLOCK_SPLIT: tl
 
 
 @triton.jit
+def _channel_affine(rstd, W, B, c0, offs_c, c_mask, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Each channel lane's (BLOCK_C,) fp32 scale = weight * rstd and bias (1 * rstd and 0 without them)."""
+    scale = rstd
+    if HAS_WEIGHT:
+        scale *= tl.load(W + c0 + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+    bias = tl.zeros_like(rstd)
+    if HAS_BIAS:
+        bias += tl.load(B + c0 + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+    return scale, bias
+
+
+@triton.jit
 def _group_norm_stats_kernel(
     X, ADD, PARTIAL,  # PARTIAL: (N*G, SPLIT, 2) fp32, sum(x - K) and sum((x - K)^2) of each slice
     stride_xn, stride_xc, stride_xhw, stride_an,
@@ -240,14 +252,9 @@ def _group_norm_apply_kernel(
     mean_shifted = tl.sum(tl.where(one_hot, mean_shifted[None, :], 0.0), 1)
     rstd = tl.sum(tl.where(one_hot, rstd[None, :], 0.0), 1)
 
-    # Per-channel scale = weight * rstd. We normalise in the shifted domain, ((x - K) - (mean - K)) * scale + bias:
-    # folding everything into x * scale + (bias - mean * scale) would cancel two numbers of size |mean| * scale.
-    scale = rstd
-    if HAS_WEIGHT:
-        scale *= tl.load(W + c0 + offs_c, mask=c_mask, other=0.0).to(tl.float32)
-    bias = tl.zeros([BLOCK_C], dtype=tl.float32)
-    if HAS_BIAS:
-        bias += tl.load(B + c0 + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+    # We normalise in the shifted domain, ((x - K) - (mean - K)) * scale + bias: folding everything into
+    # x * scale + (bias - mean * scale) would cancel two numbers of size |mean| * scale.
+    scale, bias = _channel_affine(rstd, W, B, c0, offs_c, c_mask, HAS_WEIGHT, HAS_BIAS)
 
     hw_start = pid_s * HW_PER_PROGRAM
     n_tiles = tl.cdiv(tl.minimum(hw_start + HW_PER_PROGRAM, HW) - hw_start, BLOCK_HW)
@@ -298,12 +305,8 @@ def _group_norm_one_pass_kernel(
     group_sq = tl.sum(tl.where(one_hot, tl.sum(d * d, 0)[:, None], 0.0), 0)
     rstd = 1.0 / tl.sqrt(tl.sum(tl.where(one_hot, group_sq[None, :], 0.0), 1) * inv_count + eps)
 
-    scale = rstd
-    if HAS_WEIGHT:
-        scale *= tl.load(W + c0 + offs_c, mask=c_mask, other=0.0).to(tl.float32)
-    y = d * scale[None, :]
-    if HAS_BIAS:
-        y += tl.load(B + c0 + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    scale, bias = _channel_affine(rstd, W, B, c0, offs_c, c_mask, HAS_WEIGHT, HAS_BIAS)
+    y = d * scale[None, :] + bias[None, :]
     if SILU:
         y = y * tl.sigmoid(y)
     y_ptrs = Y + n.to(tl.int64) * stride_yn + c0.to(tl.int64) * stride_yc + hw[:, None] * stride_yhw
@@ -411,11 +414,14 @@ def _plan(N: int, C: int, HW: int, num_groups: int, element_size: int, channels_
     return _Plan(gpp, n_chunks, block_c, block_hw, split, hw_per_program, finalize)
 
 
-def plan_for(x: torch.Tensor, num_groups: int, tuning: GroupNormTuning = GroupNormTuning()) -> _Plan:
-    """The launch plan group_norm uses for x on its device (benchmarks report it beside the times)."""
+def plan_for(x: torch.Tensor, num_groups: int, tuning: GroupNormTuning = GroupNormTuning(),
+             sms: int | None = None) -> _Plan:
+    """The launch plan group_norm uses for x on its device (benchmarks report it beside the times), or with sms,
+    on a GPU of that many SMs (tools that plan for an H100 without one: 132)."""
     N, C, H, W = x.shape
-    return _plan(N, C, H * W, num_groups, x.element_size(), x.stride(1) == 1 and C > 1,
-                 _num_programs_target(x.device), tuning.groups_per_program, tuning.tile, tuning.one_pass)
+    target = _num_programs_target(x.device) if sms is None else _PROGRAMS_PER_SM * sms
+    return _plan(N, C, H * W, num_groups, x.element_size(), x.stride(1) == 1 and C > 1, target,
+                 tuning.groups_per_program, tuning.tile, tuning.one_pass)
 
 
 def _check_inputs(x, num_groups, weight, bias, add, tuning: GroupNormTuning) -> None:

@@ -97,7 +97,7 @@ def group_norm_rows(shapes=GROUP_NORM_SHAPES, layouts=tuple(FORMATS), adds=(Fals
             x = torch.empty(N, C, H, W, dtype=torch.float16).contiguous(memory_format=memory_format)
             w = torch.empty(C, dtype=torch.float16)
             # the plan as on an H100 (132 SMs), not this CPU's
-            plan = gn._plan(N, C, H * W, GROUPS, 2, layout == "nhwc", gn._PROGRAMS_PER_SM * 132, one_pass=one_pass)
+            plan = gn.plan_for(x, GROUPS, gn.GroupNormTuning(one_pass=one_pass), sms=132)
             for add in adds if layout == "nhwc" else (False,):
                 a = torch.empty(N, C, dtype=torch.float16) if add else None
                 for kernel, grid, args, kwargs in gn.launches(x, torch.empty_like(x), GROUPS, w, w, 1e-5, True, plan,
