@@ -79,8 +79,9 @@ gpu-suite:
 GPU_SESSION_S ?= 540
 GPU_TEST_S ?= 200
 SUITE_ARGS ?=
-gpu-session: gpu-install
+gpu-session:
 	@test -n "$(OUT)" || { echo "usage: make gpu-session OUT=DIR" >&2; exit 2; }
+	$(MAKE) gpu-install
 	mkdir -p "$(OUT)"
 	@start=$$(date +%s); $(XDIST_ARGS); \
 	timeout -s INT -k 30 $(GPU_TEST_S) env $(GPU_PYTEST) -q $$args --junitxml="$(OUT)/gpu_test.xml" \
