@@ -13,7 +13,8 @@ and a TensorRT export + engine build (minutes on sd15; a subprocess) still runni
 inside its slot. TensorRT comes last for that reason; its engines are cached ($SDRT_CACHE/onnx/.../tensorrt), so
 `sdrt export sd15 -o DIR --precision fp16 && sdrt build DIR` run once beforehand makes its row fit.
 Every row also gets a profile (`sdrt bench --profile`): one UNet step and one VAE decode under torch.profiler, GPU
-time by kind of kernel (attention, group norm, conv, GEMM, other), the map of where the rest of the time goes.
+time by kind of kernel (attention, group norm, layer norm, GEGLU, conv, GEMM, other), the map of where the rest of
+the time goes.
 """
 
 from __future__ import annotations

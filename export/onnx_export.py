@@ -1,8 +1,8 @@
 """`export_model`: a model's components -> DIR/<component>.onnx (+ .onnx.data) and DIR/manifest.json.
 
-Per component: trace (onnx_graph.trace, at onnx_specs.trace_shape) -> onnxslim -> [fp16] -> save into a private
-temp folder DIR/.sdrt-tmp-<pid>-<component>/ -> check on ONNX Runtime at onnx_specs.check_shape -> hash ->
-os.replace into DIR (weights first, graph last). The manifest is written last, atomically.
+Per component: trace (onnx_graph.trace, at onnx_specs.trace_shape) -> onnxscript's optimizer -> [fp16] -> save
+into a private temp folder DIR/.sdrt-tmp-<pid>-<component>/ -> check on ONNX Runtime at onnx_specs.check_shape ->
+hash -> os.replace into DIR (weights first, graph last). The manifest is written last, atomically.
 
 Incremental: a run whose key (format, sdrt version, source hash, precision, opset) matches DIR's manifest keeps
 every component whose files still match their recorded sizes and hashes, and exports only the rest; when nothing
@@ -234,7 +234,7 @@ def _header(c, precision: str, opset: int) -> dict:
                       "prediction_type": c.prediction_type, "vae_scale": c.vae_scale,
                       "default_size": c.default_size, "scheduler_config": c.scheduler_config,
                       # what the graphs honour: True = the VAE stays fp32 in fp16 exports (SDXL)
-                      "vae_force_upcast": c.family.value == "sdxl" and c.vae_force_upcast,
+                      "vae_force_upcast": c.vae_force_upcast,
                       "defaults": c.defaults, "tokenizers": [f"tokenizer{'_2' if i else ''}"
                                                              for i in range(len(c.tokenizers))]},
             **size_bounds(c), "trace": {"batch": b, "height": h, "width": w},

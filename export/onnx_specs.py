@@ -151,9 +151,7 @@ def graph_specs(c) -> dict[str, GraphSpec]:
                               keep_fp32_inputs=tuple(keep), fp32_attention_scores=c.family is Family.SD2)
 
     v = c.vae.config
-    # diffusers' AutoencoderKL defaults force_upcast to True, so every preset's VAE reports it; only the SDXL
-    # pipelines honour it (SD 1.x/2.x decode in fp16), and so do we.
-    vae_fp16 = not (sdxl and c.vae_force_upcast)
+    vae_fp16 = not c.vae_force_upcast  # SDXL's VAE (see Components.vae_force_upcast)
     latent = TensorSpec("latent", "float32", ("batch", v.latent_channels, "latent_height", "latent_width"))
     image = TensorSpec("image", "float32", ("batch", v.out_channels, "height", "width"))
     specs["vae_decoder"] = GraphSpec("vae_decoder", VaeDecoder(c.vae), (latent,), (image,), fp16=vae_fp16)

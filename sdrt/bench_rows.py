@@ -4,7 +4,8 @@ A row is `NAME[:PRECISION]`: an sdrt backend (`eager`, `onnxruntime:int8`, `open
 peer that is not sdrt's own code path:
   diffusers      diffusers' own StableDiffusion[XL]Pipeline on the same weights: the eager row's twin
   torch.compile  the eager backend with its modules under torch.compile (inductor)
-A bare NAME runs the backend's default precision (fp32; OpenVINO's own default, bf16 on an AVX512-BF16 CPU).
+A bare NAME runs the backend's default precision (fp32; torch on CUDA: fp16; OpenVINO's own default, bf16 on an
+AVX512-BF16 CPU; tensorrt: the engines').
 """
 
 from __future__ import annotations

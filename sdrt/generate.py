@@ -30,10 +30,12 @@ def add_arguments(p) -> None:
     p.add_argument("--init-image", metavar="PATH", help="img2img: start from this image")
     p.add_argument("--strength", type=float, help="img2img: how much of the schedule to run, in (0, 1] (default 0.8)")
     p.add_argument("--backend", default="auto", metavar="NAME[:PRECISION]",
-                   help="auto, eager, onnxruntime, torch, tensorrt, openvino; precision fp32 (default), fp16, bf16, "
-                   "int8. auto: the fastest available here")
-    p.add_argument("--onnx-dir", metavar="DIR", help="ONNX graphs for onnxruntime (exported there if missing or "
-                   "stale; default: a cache under ~/.cache/sdrt/onnx)")
+                   help="auto, eager, onnxruntime, torch, tensorrt, openvino; precision fp32, fp16, bf16, int8 "
+                   "(default: the backend's own: fp32 for eager and onnxruntime, fp16 for torch on CUDA, OpenVINO's "
+                   "for openvino, the engines' for tensorrt). auto: the fastest available here")
+    p.add_argument("--onnx-dir", metavar="DIR", help="`sdrt export` graphs for onnxruntime and openvino (exported "
+                   "there if missing or stale; default: a cache under $SDRT_CACHE/onnx, ~/.cache/sdrt/onnx), "
+                   "and for tensorrt the export its `sdrt build` engines sit in (required)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     p.add_argument("--arch", metavar="PRESET", help="single-file checkpoints: the preset whose architecture and "
                    "scheduler the weights follow, where their shapes cannot tell (SD 2.x shapes load as sd21, "

@@ -42,7 +42,10 @@ class Components:
 
     @property
     def vae_force_upcast(self) -> bool:
-        return bool(getattr(self.vae.config, "force_upcast", False))
+        """Whether the VAE must stay fp32 in fp16 runs. diffusers' AutoencoderKL defaults force_upcast to True, so
+        nearly every VAE config says it; only the SDXL pipelines honour it (SDXL's VAE overflows in fp16), while
+        SD 1.x/2.x decode in fp16. So do we: in eager, the torch backend and the exporter alike."""
+        return self.family is Family.SDXL and bool(getattr(self.vae.config, "force_upcast", False))
 
     @property
     def modules(self) -> dict[str, torch.nn.Module]:

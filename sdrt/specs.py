@@ -83,8 +83,8 @@ UNET_SDXL = dict(sample_size=128, in_channels=4, out_channels=4,
                  addition_embed_type="text_time", addition_time_embed_dim=256,
                  projection_class_embeddings_input_dim=2816, norm_num_groups=32)
 
-# `tiny`: SD-1.x-shaped (3 cross-attention levels + 1 plain, VAE downsampling 8x, CLIP text encoder) at a few
-# million parameters, so every test runs the real code paths in seconds.
+# `tiny`: SD-1.x-shaped (2 cross-attention levels + 1 plain, a cross-attention mid block, VAE downsampling 8x,
+# CLIP text encoder) at a few million parameters, so every test runs the real code paths in seconds.
 TINY_TEXT = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=64)
 TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4,

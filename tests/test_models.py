@@ -33,6 +33,20 @@ def test_tiny_presets_build_with_real_architectures(name, family, prediction):
     assert sum(p.numel() for m in c.modules.values() for p in m.parameters()) < 5e6  # "a few million"
 
 
+@pytest.mark.parametrize("name,upcast", [("tiny", False), ("tiny-sd2", False), ("tiny-sdxl", True)])
+def test_only_sdxl_keeps_its_vae_in_fp32_at_fp16(name, upcast):
+    # diffusers' AutoencoderKL says force_upcast=True by default, so every preset's VAE config does; the SD 1.x/2.x
+    # pipelines ignore it and decode in fp16, the SDXL ones honour it. Eager (and the torch backend, which builds on
+    # it) must do the same, or its fp16 rows pay an fp32 VAE that diffusers' don't.
+    from sdrt.backends import Precision
+    from sdrt.backends.eager import EagerBackend
+
+    c = load_model(name)
+    assert c.vae.config.force_upcast and c.vae_force_upcast is upcast
+    vae = EagerBackend(c, Precision.FP16, "cpu").vae
+    assert next(vae.parameters()).dtype == (torch.float32 if upcast else torch.float16)
+
+
 def test_presets_are_seeded_and_reproducible():
     a, b, c = load_model("tiny", seed=1), load_model("tiny", seed=1), load_model("tiny", seed=2)
     wa, wb, wc = (next(m.unet.parameters()) for m in (a, b, c))

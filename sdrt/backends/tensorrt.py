@@ -165,7 +165,8 @@ def create(precision=None, components=None, onnx_dir=None, device=None) -> Tenso
     `sdrt build` wrote to ONNX_DIR/tensorrt (its default -o), or an engine directory itself. The engines fix the
     precision; asking for another one is an error, not a silent substitution."""
     if onnx_dir is None:
-        raise SdrtError("the tensorrt backend runs engines from `sdrt build ONNX_DIR`: pass the export directory")
+        raise SdrtError("the tensorrt backend runs engines from `sdrt build ONNX_DIR`: pass the export directory "
+                        "with --onnx-dir")
     d = Path(onnx_dir)
     backend = TensorRTBackend(d if (d / "engines.json").is_file() else d / "tensorrt", device or "cuda")
     want = getattr(precision, "value", precision)
