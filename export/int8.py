@@ -50,7 +50,7 @@ def export_int8(model, fp32_onnx_dir, out_dir, calibration_prompts=None, calibra
     quality gate. force: write even if the gate fails, and redo an up-to-date export."""
     from sdrt.export.int8_calibrate import resolve_prompts
     from sdrt.export.int8_recipe import get_recipe
-    from sdrt.export.onnx_manifest import load_manifest, read_manifest, write_manifest
+    from sdrt.export.onnx_manifest import forget, load_manifest, read_manifest, write_manifest
 
     say = (lambda s: print(s, file=sys.stderr, flush=True)) if progress else (lambda s: None)
     recipe, prompts = get_recipe(recipe), resolve_prompts(calibration_prompts)
@@ -99,6 +99,8 @@ def export_int8(model, fp32_onnx_dir, out_dir, calibration_prompts=None, calibra
             if not gate["passed"] and not force:
                 raise SdrtError(f"int8 UNet fails the quality gate: image PSNR {gate['psnr_db']:.1f} dB < "
                                 f"{min_psnr} dB vs fp32 after {gate['steps']} steps (--force writes it anyway)")
+            if old is not None:  # _write replaces every file: no old entry may vouch for one of them meanwhile
+                forget(out_dir, old, list(old["components"]))
             manifest = _write(src, fp32_dir, out_dir, tmp, report, gate, settings, time.perf_counter() - t0)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -37,7 +37,7 @@ def session(path, threads: int = 0):
 def run_onnx(sess, args: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
     """Feed torch tensors in input order, cast to the dtypes the graph declares (fp16 graphs take fp16 latents)."""
     dtypes = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(int64)": np.int64}
-    feeds = {i.name: a.numpy().astype(dtypes[i.type]) for i, a in zip(sess.get_inputs(), args)}
+    feeds = {i.name: a.numpy().astype(dtypes[i.type]) for i, a in zip(sess.get_inputs(), args, strict=True)}
     return sess.run(None, feeds)
 
 
@@ -45,7 +45,7 @@ def compare(outs: list[np.ndarray], refs: list[torch.Tensor]) -> tuple[float, fl
     """(max_abs, max_rel, all_finite) over all outputs; max_rel as defined in the module docstring."""
     max_abs = max_rel = 0.0
     finite = True
-    for o, r in zip(outs, refs):
+    for o, r in zip(outs, refs, strict=True):
         o, r = o.astype(np.float32), r.float().numpy()
         finite &= bool(np.isfinite(o).all())
         err = float(np.abs(o - r).max())
@@ -63,6 +63,8 @@ def check_graph(spec, path, batch: int, height: int, width: int, dtype: str, see
     sess = session(path)
     outs = run_onnx(sess, args)
     del sess
+    if len(outs) != len(refs):  # a graph that lost an output is not checked on the rest of them
+        raise SdrtError(f"{spec.name}: the ONNX graph has {len(outs)} outputs, its module {len(refs)}")
     max_abs, max_rel, finite = compare(outs, refs)
     tol = TOLERANCE[dtype]
     where = f"batch {batch}, {height}x{width}"

@@ -6,9 +6,10 @@ hash -> os.replace into DIR (weights first, graph last). The manifest is written
 
 Incremental: a run whose key (format, sdrt version, source hash, precision, opset) matches DIR's manifest keeps
 every component whose files still match their recorded sizes and hashes, and exports only the rest; when nothing
-is left it is a no-op and says so. A file without a matching manifest entry is never trusted: an interrupted run
-leaves either the old manifest (whose hashes the new files no longer match) or none. Temp folders left by a killed
-run are deleted at the start of the next one (those of a live pid are left alone).
+is left it is a no-op and says so. A file without a matching manifest entry is never trusted: before a component's
+files are replaced, DIR's old manifest is rewritten without it, so an interrupted run leaves the old manifest minus
+what it replaced (even a same-size file, which the runtime's size-only check would take for the old one), or none.
+Temp folders left by a killed run are deleted at the start of the next one (those of a live pid are left alone).
 
 One export per DIR at a time: the writing part holds an flock on DIR/.export.lock (sdrt.export.dir_lock), and a
 second export into DIR waits for it, then finds the first one's graphs up to date. That is two `sdrt generate`
@@ -43,7 +44,7 @@ def export_model(model, out_dir, precision: str = "fp32", opset: int = 18, compo
     model has). external_data_threshold: initializer bytes above which weights go to `<file>.data` (default
     2 GiB - 64 MiB; tests pass 0). Returns the manifest dict (also in DIR/manifest.json)."""
     from sdrt.export.onnx_graph import EXTERNAL_DATA_THRESHOLD
-    from sdrt.export.onnx_manifest import entry_problem, read_manifest, write_manifest
+    from sdrt.export.onnx_manifest import entry_problem, forget, read_manifest, write_manifest
     from sdrt.export.onnx_specs import graph_specs
 
     if precision not in PRECISIONS:
@@ -88,7 +89,10 @@ def export_model(model, out_dir, precision: str = "fp32", opset: int = 18, compo
             + (f" (kept: {', '.join(kept)})" if kept else ""))
         _save_tokenizers(c, out_dir)
         for n in todo:
-            kept[n] = export_component(specs[n], out_dir, precision, opset, c, threshold)
+            def before_replace(name=n):
+                nonlocal old
+                old = forget(out_dir, old, [name])
+            kept[n] = export_component(specs[n], out_dir, precision, opset, c, threshold, before_replace)
             e, v = kept[n], kept[n]["validation"]
             peak = max(peak, e["peak_rss_mb"])
             say(f"  {n:<15} {e['export_s']:6.1f} s  peak RSS {e['peak_rss_mb'] / 1024:5.2f} GiB  "
@@ -101,9 +105,11 @@ def export_model(model, out_dir, precision: str = "fp32", opset: int = 18, compo
         return manifest
 
 
-def export_component(spec, out_dir: Path, precision: str, opset: int, c, threshold: int) -> dict:
+def export_component(spec, out_dir: Path, precision: str, opset: int, c, threshold: int,
+                     before_replace=lambda: None) -> dict:
     """One graph, start to finish, in a private temp folder in out_dir; returns its manifest entry. Only the final
-    os.replace calls put files under their real names."""
+    os.replace calls put files under their real names, after before_replace() (which takes the component out of
+    DIR's old manifest)."""
     from sdrt.export.onnx_check import check_graph
     from sdrt.export.onnx_graph import io_dtypes, optimize, save, to_fp16, trace
     from sdrt.export.onnx_manifest import sha256_file
@@ -138,6 +144,7 @@ def export_component(spec, out_dir: Path, precision: str, opset: int, c, thresho
         if precision == "fp16" and not fp16:
             entry["fp32_reason"] = "SDXL's VAE overflows in fp16 (vae.config.force_upcast)"
         entry["bytes"] = entry["graph_bytes"] + (entry["weights_bytes"] or 0)
+        before_replace()
         # weights before graph: a graph in DIR only ever refers to a complete data file
         if data:
             os.replace(tmp / data, out_dir / data)

@@ -43,6 +43,18 @@ def write_manifest(out_dir: Path, manifest: dict) -> None:
     os.replace(tmp, out_dir / MANIFEST)
 
 
+def forget(out_dir: Path, manifest: dict | None, names) -> dict | None:
+    """`manifest` without the entries `names`, written to DIR before their files are replaced, and returned. The
+    runtime's quick check (verify_hashes=False) compares sizes only, and a new graph of the same architecture has
+    the old one's size: were the run to die between the replace and the new manifest, the old entry would vouch
+    for the new file."""
+    if manifest is None or not any(n in manifest["components"] for n in names):
+        return manifest
+    manifest = {**manifest, "components": {n: e for n, e in manifest["components"].items() if n not in names}}
+    write_manifest(out_dir, manifest)
+    return manifest
+
+
 def entry_problem(out_dir: Path, entry: dict, verify_hashes: bool = True) -> str | None:
     """Why a component entry cannot be trusted, or None: each file must exist with its recorded size and hash."""
     files = [(entry.get("file"), entry.get("graph_sha256"), entry.get("graph_bytes"))]

@@ -303,6 +303,8 @@ def launch_args(q, k, v, out, scale: float | None = None, split_head_dim: bool =
     align = 16
     while align > 1 and any(st % align for st in outer):
         align //= 2
+    if max(outer) > 2**31 - 1:  # the kernel's stride * ALIGN is an int32 product: undivided, Triton passes int64
+        align = 1
     constexprs = {
         "HEAD_D": d,
         "ALIGN": align,

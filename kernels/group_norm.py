@@ -97,6 +97,10 @@ _MAX_PARTIALS_PER_APPLY = 32
 # fp32 values over 16 warps are 32 a thread (the split kernels' default tile is 4096 over 4 warps: the same).
 # In SD that is the UNet's 8^2 and 16^2 levels (e.g. 2 x 1280 x 16^2: 64 programs of 256 x 64 lanes).
 _ONE_PASS_MAX = 16384
+# Offsets inside one sample are int32 in the kernels (only each program's (n, c0) base is int64), so a sample of
+# more elements takes PyTorch's GroupNorm instead: SD's largest, the VAE decoder's 256 x H x W at full resolution,
+# gets there past ~2900^2 pixels (2^30 at 2048^2).
+_MAX_SAMPLE_NUMEL = 2**31 - 1
 
 
 @triton.jit
@@ -475,6 +479,11 @@ def group_norm(
     memory format.
     """
     _check_inputs(x, num_groups, weight, bias, add, tuning)
+    C, H, W = x.shape[1:]
+    if C * H * W > _MAX_SAMPLE_NUMEL:
+        return _group_norm_torch(x, num_groups, weight, bias, eps, silu, add)
+    weight = weight.contiguous() if weight is not None else None  # the kernels read (C,) at unit stride
+    bias = bias.contiguous() if bias is not None else None
     if add is not None and add.stride(1) != 1:
         add = add.contiguous()
     if _spatial_stride(x) is None:  # neither NCHW nor NHWC (e.g. a strided slice): work on a contiguous copy
@@ -488,6 +497,17 @@ def group_norm(
                                                tuning.reverse_apply):
         kernel[grid](*args, **kwargs)
     return y
+
+
+def _group_norm_torch(x, num_groups, weight, bias, eps, silu, add):
+    """group_norm's contract on PyTorch's own GroupNorm (statistics in fp32 there too), for samples too large for
+    the kernels' int32 offsets; the affine in x's dtype, as F.group_norm wants, and x's memory format kept."""
+    if add is not None:
+        x = x + add[:, :, None, None].to(x.dtype)
+    cast = (lambda p: None if p is None else p.to(x.dtype))
+    y = F.group_norm(x, num_groups, cast(weight), cast(bias), eps)
+    y = F.silu(y) if silu else y
+    return y if y.stride() == x.stride() else torch.empty_like(x).copy_(y)
 
 
 def launches(x, y, num_groups, weight, bias, eps, silu, p: _Plan, pdl: bool = False, add=None,

@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         quiet_libraries()
         return int(args.run(args) or 0)
-    except SdrtError as e:
-        print(f"sdrt {args.command}: error: {e}", file=sys.stderr)
+    except SdrtError as e:  # the message may quote a library's multi-line one: kept whole, on one line
+        print(f"sdrt {args.command}: error: {'; '.join(_lines(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"sdrt {args.command}: interrupted", file=sys.stderr)
@@ -59,9 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug, not bad input: one line unless asked for the traceback
         if args.traceback:
             raise
-        print(f"sdrt {args.command}: internal error: {type(e).__name__}: {e} (rerun with --traceback)",
+        first = (_lines(e) or [""])[0]  # torch's and onnxruntime's messages run to many lines; the trace has them
+        print(f"sdrt {args.command}: internal error: {type(e).__name__}: {first} (rerun with --traceback)",
               file=sys.stderr)
         return 2
+
+
+def _lines(e: BaseException) -> list[str]:
+    return [line.strip() for line in str(e).splitlines() if line.strip()]
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def check_row(row: dict, runs: int) -> None:
     assert ROW_KEYS <= row.keys(), ROW_KEYS - row.keys()
-    assert row["skipped"] is None
+    assert row["skipped"] is None and not row.get("nonfinite_output")  # a NaN image has no PSNR either
     for k in ("text_encoder_ms", "unet_step_ms", "vae_decode_ms"):
         assert row[k] > 0 and len(row["samples"][k]) == runs
     e2e = row["e2e_ms"]
@@ -61,12 +61,12 @@ def test_bench_tiny(tmp_path, cache):
     for name in ("eager", "onnxruntime"):
         check_row(rows[name], runs=2)
     # The reference row has no drift to report (null, not inf: JSON has no infinity); its speedups are 1 by
-    # definition. The fp32 ONNX graph differs from eager only by float reassociation: far above 60 dB.
+    # definition. The fp32 ONNX graph differs from eager only by float reassociation (~130 dB, latents ~1e-5).
     eager, ort = rows["eager"], rows["onnxruntime"]
     assert eager["psnr_vs_eager"] is None and eager["latent_max_abs_vs_eager"] is None
     assert eager["speedup_unet_vs_eager"] == eager["speedup_e2e_vs_eager"] == 1.0
-    assert ort["psnr_vs_eager"] is None or ort["psnr_vs_eager"] > 60
-    assert ort["latent_max_abs_vs_eager"] < 1e-3
+    assert ort["psnr_vs_eager"] is None or ort["psnr_vs_eager"] > 100  # None: bit-identical
+    assert ort["latent_max_abs_vs_eager"] < 1e-4
     assert ort["cold_start_s"]["export"] > 0 and ort["cold_start_s"]["load"] is None
     assert report["request"]["steps"] == 2 and report["request"]["batch"] == 1
     assert {"torch", "onnxruntime", "diffusers"} <= report["env"]["versions"].keys()
@@ -84,7 +84,8 @@ def test_bench_adds_the_reference_and_runs_a_peer_sequentially(tmp_path):
     rows = report["results"]
     assert [r["backend"] for r in rows] == ["eager", "diffusers"]
     check_row(rows[1], runs=1)
-    assert rows[1]["psnr_vs_eager"] is None or rows[1]["psnr_vs_eager"] > 60
+    assert rows[1]["psnr_vs_eager"] is None or rows[1]["psnr_vs_eager"] > 100
+    assert rows[1]["latent_max_abs_vs_eager"] < 1e-4
 
 
 def test_diffusers_peer_in_fp16_starts_from_the_same_noise():

@@ -42,7 +42,7 @@ def test_eager_writes_pngs_that_reproduce_themselves(tmp_path, capsys):
     again = Pipeline.from_components(c, make_backend("eager", components=c)).generate(GenerationRequest(
         p["prompt"], p["negative_prompt"], p["steps"], p["guidance"], p["scheduler"], p["seed"], p["height"],
         p["width"], p["batch"]))
-    assert all(np.array_equal(a, b) for a, b in zip(again.images, images))
+    assert all(np.array_equal(a, b) for a, b in zip(again.images, images, strict=True))
 
 
 def test_params_from_a_png_makes_it_again(tmp_path, capsys):
@@ -84,7 +84,8 @@ def test_onnxruntime_exports_once_then_reuses_and_matches_eager(tmp_path, capsys
     assert read_params(tmp_path / "b.png")["backend"] == "onnxruntime:fp32"
     rc, err = run_cli(capsys, *args, "--backend", "eager", "-o", str(tmp_path / "c.png"))
     a, b, c = (np.asarray(Image.open(tmp_path / f"{k}.png")) for k in "abc")
-    assert np.array_equal(a, b) and psnr(a, c) >= 40
+    # 8-bit images of the same float image up to ORT's reassociation (89 dB measured): a level flips here and there.
+    assert np.array_equal(a, b) and psnr(a, c) >= 75
 
 
 def test_img2img_takes_the_init_image_size(tmp_path, capsys):
@@ -99,8 +100,15 @@ def test_img2img_takes_the_init_image_size(tmp_path, capsys):
 
 
 def test_empty_prompt_is_unconditional_and_long_prompts_warn(tmp_path, capsys):
-    rc, err = run_cli(capsys, "tiny", "", "--backend", "eager", *FAST, "-o", str(tmp_path / "e.png"))
+    rc, err = run_cli(capsys, "tiny", "", "--backend", "eager", "--seed", "5", *FAST, "-o", str(tmp_path / "e.png"))
     assert rc == 0, err
+    assert read_params(tmp_path / "e.png")["prompt"] == ""
+    # With an empty prompt (and no negative) both CFG halves are the same text, so guidance changes nothing: the
+    # image is guidance 1's, which runs the prompt alone (batch 1 against 2: float reassociation at most).
+    rc, err = run_cli(capsys, "tiny", "", "--backend", "eager", "--seed", "5", *FAST, "--guidance", "1",
+                      "-o", str(tmp_path / "g1.png"))
+    assert rc == 0, err
+    assert psnr(np.asarray(Image.open(tmp_path / "e.png")), np.asarray(Image.open(tmp_path / "g1.png"))) >= 75
     long = " ".join(["photo"] * 80) + " purple elephant"
     rc, err = run_cli(capsys, "tiny", long, "--backend", "eager", *FAST, "-o", str(tmp_path / "l.png"))
     assert rc == 0 and "truncated" in err and "purple elephant" in err

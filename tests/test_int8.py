@@ -118,6 +118,34 @@ def test_gate_passes_and_refuses_unless_forced(tiny, fp32_dir, int8, tmp_path):
     assert forced["int8"]["quality_gate"]["passed"] is False
 
 
+def test_an_interrupted_redo_leaves_no_old_entry_for_a_new_file(tiny, fp32_dir, int8, tmp_path, monkeypatch):
+    # Another calibration gives an int8 UNet of (nearly: here 6 bytes apart) the same size, and the runtime checks
+    # sizes only: die after the new files are in place, before the new manifest, and the old manifest must vouch
+    # for none of them.
+    import shutil
+
+    from sdrt.export import int8 as int8_module
+    from sdrt.export.int8 import export_int8
+    from sdrt.export.onnx_manifest import load_manifest, sha256_file
+
+    from sdrt.errors import SdrtError
+
+    out = tmp_path / "int8"
+    shutil.copytree(int8[1], out)
+    real = int8_module._write
+
+    def dies_after_write(*a, **kw):
+        real(*a, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(int8_module, "_write", dies_after_write)
+    with pytest.raises(KeyboardInterrupt):
+        export_int8(tiny, fp32_dir, out, **{**GATE, "calibration_steps": 3})
+    assert sha256_file(out / "unet.onnx") != int8[0]["components"]["unet"]["graph_sha256"]  # a new UNet is in place
+    with pytest.raises(SdrtError, match="partial export, missing"):  # not listed at all, whatever its size
+        load_manifest(out, require=["unet"], verify_hashes=False)
+
+
 @pytest.mark.parametrize("content", [None, b"", b"\n  \n", b"\xff\xfe\x00bin", "dir"])
 def test_bad_calibration_prompts_file(tiny, fp32_dir, tmp_path, content):
     from sdrt.export.int8 import export_int8

@@ -78,7 +78,7 @@ def test_diffusers_folder_round_trip(tiny_folder):
     assert c.family is Family.SDXL and c.default_size == 64
     assert type(c.text_encoders[1]).__name__ == "CLIPTextModelWithProjection"
     for name, module in ref.modules.items():
-        for (k, v), (k2, v2) in zip(module.state_dict().items(), c.modules[name].state_dict().items()):
+        for (k, v), (k2, v2) in zip(module.state_dict().items(), c.modules[name].state_dict().items(), strict=True):
             assert k == k2 and torch.equal(v, v2)
     assert c.tokenizers[1].pad_token == "!"
 

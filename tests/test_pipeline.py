@@ -2,8 +2,10 @@
 
 Tier 3 of the correctness ladder: whole images. Eager runs the very same modules, so the only differences are
 float reassociation (one text-encoder batch for both CFG halves, the scheduler's coefficient tables): measured
-123-138 dB; the bar is 50 dB. ONNX Runtime runs exported graphs whose per-graph error is ~1e-6 (the exporter's
-check), which compounds over the steps: the bar is 40 dB (a few 255-levels at worst).
+123-138 dB. ONNX Runtime runs exported graphs whose per-graph error is ~1e-6 (the exporter's check), compounded over
+the steps: measured 128-132 dB. The bar is 100 dB for both: plausible bugs land far below it (measured on tiny and
+tiny-sdxl: the UNet fed timestep + 1, 51-58 dB; guidance x 0.95, 56-61; the VAE scale 1% off, 65-68; SDXL's
+time ids with height and width swapped, 46; text embeddings x 0.99, 71-73).
 """
 
 import numpy as np
@@ -18,7 +20,7 @@ from sdrt.models import load_model
 from sdrt.pipeline import GenerationRequest, Pipeline
 from sdrt.specs import Family
 
-EAGER_DB, ORT_DB = 50.0, 40.0
+EAGER_DB, ORT_DB = 100.0, 100.0
 # sdrt scheduler name -> (diffusers class, from_config overrides)
 DIFFUSERS_SCHEDULERS = {
     "ddim": ("DDIMScheduler", {}), "pndm": ("PNDMScheduler", {}), "euler": ("EulerDiscreteScheduler", {}),
@@ -218,7 +220,7 @@ def test_img2img_strength_outside_0_1_is_an_error(models, init_image, strength):
         pipe.generate(GenerationRequest("a photo", init_image=init_image, strength=strength))
 
 
-# --- ONNX Runtime: the exporter's graphs, same comparisons at 40 dB ----------------------------------------------
+# --- ONNX Runtime: the exporter's graphs, same comparisons, same bar -------------------------------------------
 @pytest.fixture(scope="module")
 def onnx_dirs(models, tmp_path_factory):
     from sdrt.export.onnx_export import export_model

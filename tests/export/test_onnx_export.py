@@ -47,7 +47,7 @@ def test_manifest_fields(tiny, tiny_fp32):
         # checked at another batch and size than traced, and well inside the fp32 tolerance
         assert (v["batch"], v["height"], v["width"]) != (m["trace"]["batch"], m["trace"]["height"],
                                                          m["trace"]["width"])
-        assert v["tolerance"] == TOLERANCE["float32"] and v["max_rel"] < 1e-4 and v["max_abs"] >= 0
+        assert v["tolerance"] == TOLERANCE["float32"] and v["max_rel"] < 2e-5 and v["max_abs"] >= 0
     assert (out / "tokenizer" / "tokenizer_config.json").is_file()
     assert load_manifest(out) == m
 
@@ -88,7 +88,7 @@ def test_ort_matches_torch_at_other_shapes(tiny, tiny_fp32, name, shape):
     outs = run_onnx(session(out / m["components"][name]["file"]), args)
     assert [o.shape for o in outs] == [tuple(r.shape) for r in refs]
     max_abs, max_rel, finite = compare(outs, refs)
-    assert finite and max_rel < 1e-4, (max_abs, max_rel)  # fp32 reorderings: ~1e-6 measured
+    assert finite and max_rel < 2e-5, (max_abs, max_rel)  # fp32 reorderings: 5e-7 to 3.2e-6 measured
 
 
 def test_sdxl_contract(tiny_sdxl, sdxl_fp32):
@@ -104,7 +104,7 @@ def test_sdxl_contract(tiny_sdxl, sdxl_fp32):
     assert ins == {"sample": ["batch", 4, "latent_height", "latent_width"], "timestep": ["batch"],
                    "encoder_hidden_states": ["batch", 77, 96], "text_embeds": ["batch", 32], "time_ids": ["batch", 6]}
     for e in m["components"].values():
-        assert e["validation"]["max_rel"] < 1e-4
+        assert e["validation"]["max_rel"] < 2e-5
     # penultimate_hidden_state really is hidden_states[-2]
     te = tiny_sdxl.text_encoders[0]
     spec = graph_specs(tiny_sdxl)["text_encoder"]
@@ -112,7 +112,7 @@ def test_sdxl_contract(tiny_sdxl, sdxl_fp32):
     with torch.no_grad():
         want = te(ids, output_hidden_states=True).hidden_states[-2]
     got = run_onnx(session(out / "text_encoder.onnx"), (ids,))[2]
-    assert np.abs(got - want.numpy()).max() <= 1e-4 * np.abs(want.numpy()).max()
+    assert np.abs(got - want.numpy()).max() <= 2e-5 * np.abs(want.numpy()).max()
 
 
 def test_sdxl_unet_at_other_shape(tiny_sdxl, sdxl_fp32):
@@ -122,4 +122,4 @@ def test_sdxl_unet_at_other_shape(tiny_sdxl, sdxl_fp32):
     with torch.no_grad():
         ref = spec.module(*args)
     _, max_rel, finite = compare(run_onnx(session(out / "unet.onnx"), args), [ref])
-    assert finite and max_rel < 1e-4
+    assert finite and max_rel < 2e-5

@@ -71,7 +71,7 @@ def test_timestep_embedding_stays_fp32(sd2_fp16, sdxl_fp16):
                 assert n.attribute[0].i != FLOAT16
         vi = {v.name: v.type.tensor_type.elem_type for v in g.value_info}
         sin_cos = [n for n in g.node if n.op_type in ("Sin", "Cos")]
-        assert sin_cos and all(vi.get(n.output[0], FLOAT) == FLOAT for n in sin_cos)
+        assert sin_cos and all(vi[n.output[0]] == FLOAT for n in sin_cos)
 
 
 def test_sdxl_vae_stays_fp32(tiny_sdxl, sdxl_fp16):
@@ -79,7 +79,7 @@ def test_sdxl_vae_stays_fp32(tiny_sdxl, sdxl_fp16):
     assert m["model"]["vae_force_upcast"] is True
     vae, unet = m["components"]["vae_decoder"], m["components"]["unet"]
     assert vae["dtype"] == "float32" and "force_upcast" in vae["fp32_reason"]
-    assert vae["validation"]["tolerance"] == TOLERANCE["float32"] and vae["validation"]["max_rel"] < 1e-4
+    assert vae["validation"]["tolerance"] == TOLERANCE["float32"] and vae["validation"]["max_rel"] < 2e-5
     assert unet["dtype"] == "float16" and unet["validation"]["max_rel"] < TOLERANCE["float16"]
     g = onnx.load(str(out / "vae_decoder.onnx")).graph
     assert all(t.data_type != FLOAT16 for t in g.initializer)

@@ -1,17 +1,8 @@
-"""Kernel tests run on CPU through Triton's interpreter when there is no GPU.
-
-TRITON_INTERPRET must be set before `@triton.jit` runs, i.e. before sdrt.kernels is first imported, hence at the top
-of this conftest (pytest imports it before the test modules of this directory). With CUDA, kernels are compiled.
-"""
-
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+"""Kernel tests run on CPU through Triton's interpreter unless TRITON_INTERPRET=0 says to compile them on a GPU
+(`make gpu-test`): kernel_device.py says which, and tests/conftest.py sets the default before triton is imported."""
 
 import pytest
+import torch
 
 
 @pytest.fixture(autouse=True)

@@ -5,11 +5,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_device import CUDA, DEVICE  # tests/kernels is on sys.path (rootdir-relative import)
 from sdrt.kernels import attention, attention_ref
-from sdrt.kernels.attention import head_dim_tiles
+from sdrt.kernels.attention import head_dim_tiles, launch_args
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
 cuda_only = pytest.mark.skipif(not CUDA, reason="needs CUDA (the interpreter is too slow / lacks bf16 dots)")
 
 DTYPES = [
@@ -117,6 +116,19 @@ def test_attention_into_token_major_out(dtype, atol, rtol):
     torch.testing.assert_close(out, attention_ref(q, k, v), atol=atol, rtol=rtol)
     with pytest.raises(ValueError, match="out must be"):
         attention(q, k, v, out=buf)  # (B, N, heads, d) itself: wrong shape
+
+
+def test_strides_past_int32_are_passed_undivided():
+    # The launcher passes strides divided by their common power of two (ALIGN) and the kernel multiplies them back
+    # in int32: a batch stride in [2^31, 16 * 2^31) would wrap there. Such strides go undivided (ALIGN = 1), which
+    # Triton passes as int64. Meta tensors: the strides of a 4+ GB tensor without its memory.
+    shape, big = (2, 1, 32, 64), (2**32 + 65536, 2048, 64, 1)
+    q = torch.empty_strided(shape, big, device="meta", dtype=torch.float16)
+    k, v, out = (torch.empty(shape, device="meta", dtype=torch.float16) for _ in range(3))
+    args, constexprs = launch_args(q, k, v, out)
+    assert constexprs["ALIGN"] == 1 and args[5:9] == big
+    args, constexprs = launch_args(k, k, v, out)  # small strides keep their alignment (2048 = 16 * 128)
+    assert constexprs["ALIGN"] == 16 and args[5:9] == (128, 128, 4, 1)
 
 
 def test_attention_scale_and_sdpa():

@@ -4,10 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers.models.activations import GEGLU
+from kernel_device import CUDA, DEVICE  # tests/kernels is on sys.path (rootdir-relative import)
 from sdrt.kernels import geglu, geglu_ref
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
 cuda_only = pytest.mark.skipif(not CUDA, reason="full SD shapes need CUDA (the interpreter is too slow)")
 
 DTYPES = [

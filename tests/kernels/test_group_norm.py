@@ -1,13 +1,14 @@
 """sdrt.kernels.group_norm vs group_norm_ref (F.group_norm in fp32 [+ SiLU]) in both memory formats."""
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_device import CUDA, DEVICE  # tests/kernels is on sys.path (rootdir-relative import)
 from sdrt.kernels import GroupNormTuning, group_norm, group_norm_ref
 from sdrt.kernels.group_norm import _plan, plan_for
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
 cuda_only = pytest.mark.skipif(not CUDA, reason="full SD shapes need CUDA (the interpreter is too slow)")
 # sigmoid(y) = 1 / (1 + exp(-y)): exp overflows to inf for very negative y and the result is the correct 0; numpy
 # (Triton's interpreter) warns about it, the GPU does not.
@@ -230,6 +231,36 @@ def test_group_norm_fused_add_strided_and_errors():
     torch.testing.assert_close(y, group_norm_ref(x, 32, w, b, add=add), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match=r"add must have shape \(2, 64\)"):
         group_norm(x, 32, w, b, add=torch.zeros(2, 64, 1, 1))
+
+
+def test_group_norm_strided_affine_is_read_as_values():
+    # A (C,) weight or bias that is a view with stride 2 (e.g. one half of an interleaved parameter) is copied, not
+    # read at unit stride.
+    x, _, _ = _inputs(2, 64, 4, 4, torch.float32, torch.channels_last)
+    w, b = torch.randn(128, device=DEVICE)[::2], torch.randn(128, device=DEVICE)[1::2]
+    y = group_norm(x, 32, w, b, silu=True)
+    torch.testing.assert_close(y, group_norm_ref(x, 32, w, b, silu=True), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("memory_format", FORMATS)
+def test_group_norm_samples_past_int32_offsets_take_torch(monkeypatch, memory_format):
+    # The kernels' offsets inside a sample are int32; a sample of more than _MAX_SAMPLE_NUMEL elements (2^31 - 1;
+    # lowered here, a real one is 4+ GB) runs PyTorch's GroupNorm: no kernel launch, the same contract.
+    gn = importlib.import_module("sdrt.kernels.group_norm")  # the module, not the function sdrt.kernels exports
+    monkeypatch.setattr(gn, "_MAX_SAMPLE_NUMEL", 64 * 4 * 5 - 1)
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError("a kernel was launched")
+
+    monkeypatch.setattr(gn, "launches", no_launch)
+    x, w, b = _inputs(2, 64, 4, 5, torch.float32, memory_format)
+    add = torch.randn(2, 64, device=DEVICE)
+    y = group_norm(x, 32, w, b, silu=True, add=add)
+    assert y.stride() == x.stride()
+    torch.testing.assert_close(y, group_norm_ref(x, 32, w, b, silu=True, add=add), atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(gn, "_MAX_SAMPLE_NUMEL", 64 * 4 * 5)  # at the limit: the kernels
+    with pytest.raises(AssertionError, match="a kernel was launched"):
+        group_norm(x, 32, w, b)
 
 
 @pytest.mark.parametrize("memory_format", FORMATS)

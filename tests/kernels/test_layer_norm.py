@@ -5,11 +5,10 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_device import CUDA, DEVICE  # tests/kernels is on sys.path (rootdir-relative import)
 from sdrt.kernels import add_layer_norm, add_layer_norm_ref
 from sdrt.kernels.layer_norm import _MAX_C
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 cuda_only = pytest.mark.skipif(not CUDA, reason="full SD shapes need CUDA (the interpreter is too slow)")
 
