@@ -43,16 +43,21 @@ def test_rerun_is_a_noop(tiny, tmp_path, capsys):
     assert export(tiny, out, precision="fp16")["precision"] == "fp16"
 
 
-def test_interrupted_export_is_not_trusted(tiny, tmp_path, monkeypatch, capsys):
-    out = tmp_path / "o"
-    real, calls = onnx_check.check_graph, []
-
-    def dies_on_second(*a, **kw):  # the 2nd component dies after its graph was written to its temp folder
+def _dies_on_second(check_graph, calls: list):
+    """check_graph, except that the 2nd component dies after its graph was written to its temp folder (and the
+    1st one's files have replaced any old ones)."""
+    def check(*a, **kw):
         calls.append(a[0].name)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(*a, **kw)
+        return check_graph(*a, **kw)
+    return check
 
+
+def test_interrupted_export_is_not_trusted(tiny, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "o"
+    real, calls = onnx_check.check_graph, []
+    dies_on_second = _dies_on_second(real, calls)
     monkeypatch.setattr(onnx_check, "check_graph", dies_on_second)
     with pytest.raises(KeyboardInterrupt):
         export(tiny, out)
@@ -100,15 +105,7 @@ def test_an_interrupted_reexport_of_other_weights_leaves_no_same_size_file_vouch
 
     out = tmp_path / "o"
     old = export(tiny, out, progress=False)
-    real, calls = onnx_check.check_graph, []
-
-    def dies_on_second(*a, **kw):
-        calls.append(a[0].name)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(onnx_check, "check_graph", dies_on_second)
+    monkeypatch.setattr(onnx_check, "check_graph", _dies_on_second(onnx_check.check_graph, []))
     with pytest.raises(KeyboardInterrupt):
         export(load_model("tiny", seed=1), out, progress=False)
     assert (out / "text_encoder.onnx").stat().st_size == old["components"]["text_encoder"]["graph_bytes"]
