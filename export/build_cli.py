@@ -51,7 +51,15 @@ def add_arguments(p) -> None:
 
 def run(args, make_builder=None) -> int:
     """`make_builder(options)` returns the builder (tests pass a fake; default: TensorRT, required here)."""
-    from sdrt.export.trt_build import BuildOptions, TensorRTBuilder, build_engines, read_onnx_manifest, summary
+    from sdrt.export.trt_build import (
+        BuildOptions,
+        TensorRTBuilder,
+        build_engines,
+        check_request,
+        make_engine_dir,
+        read_onnx_manifest,
+        summary,
+    )
     from sdrt.export.trt_profiles import parse_profile, parse_profiles
 
     for text in args.profile or []:  # syntax errors before touching any file
@@ -63,8 +71,10 @@ def run(args, make_builder=None) -> int:
         cfg=args.cfg, opt_level=args.opt_level, refittable=args.refittable, force=args.force,
         lock_timeout_s=args.lock_timeout, verbose=args.verbose,
         components=tuple(c.strip() for c in args.components.split(",")) if args.components else None)
-    builder = (make_builder or (lambda o: TensorRTBuilder(verbose=o.verbose)))(options)
     engine_dir = Path(args.engine_dir) if args.engine_dir else onnx_dir / "tensorrt"
+    check_request(onnx_dir, manifest, options)  # the user's own mistakes before "TensorRT is not installed"
+    make_engine_dir(engine_dir)
+    builder = (make_builder or (lambda o: TensorRTBuilder(verbose=o.verbose)))(options)
     print(f"building {args.precision} engines for {manifest['model'].get('name', onnx_dir.name)} into {engine_dir} "
           f"(TensorRT {builder.trt_version}, {builder.device_name}, compute capability {builder.compute_capability}; "
           f"profiles {', '.join(str(s) for s in options.profiles)})", flush=True)

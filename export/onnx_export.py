@@ -190,7 +190,7 @@ def _up_to_date(model: str, seed: int, out_dir: Path, precision: str, opset: int
             FORMAT, __version__, precision, opset):
         return None
     entries = old.get("components", {})
-    wanted = [components] if isinstance(components, str) else list(components or entries)
+    wanted = [components] if isinstance(components, str) else list(dict.fromkeys(components or entries))
     if not wanted or any(n not in entries or entry_problem(out_dir, entries[n]) for n in wanted):
         return None
     if old.get("model", {}).get("source_hash") != source_hash(model, seed):

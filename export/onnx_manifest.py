@@ -33,7 +33,13 @@ def read_manifest(out_dir: Path) -> dict | None:
         m = json.loads((Path(out_dir) / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
-    return m if isinstance(m, dict) and m.get("format") == FORMAT and isinstance(m.get("components"), dict) else None
+    return m if well_formed(m) else None
+
+
+def well_formed(m) -> bool:
+    """The shape every reader relies on: a format-1 object whose model and component entries are objects."""
+    return (isinstance(m, dict) and m.get("format") == FORMAT and isinstance(m.get("model", {}), dict)
+            and isinstance(m.get("components"), dict) and all(isinstance(e, dict) for e in m["components"].values()))
 
 
 def write_manifest(out_dir: Path, manifest: dict) -> None:
@@ -88,7 +94,7 @@ def load_manifest(out_dir, require=None, verify_hashes: bool = True) -> dict:
         m = json.loads(path.read_text())
     except ValueError as e:
         raise SdrtError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT or not isinstance(m.get("components"), dict):
+    if not well_formed(m):
         raise SdrtError(f"{path}: not a format-{FORMAT} sdrt manifest (re-run `sdrt export`)")
     if require is None:
         n_text = 2 if m.get("model", {}).get("family") == "sdxl" else 1

@@ -40,6 +40,7 @@ from sdrt.export.engine_cache import (
     trusted_engine,
     write_manifest,
 )
+from sdrt.export.onnx_manifest import entry_problem
 from sdrt.export.trt_profiles import ComponentProfile, ProfileSpec, component_profiles, parse_profiles
 
 from sdrt import __version__
@@ -133,11 +134,19 @@ def read_onnx_manifest(onnx_dir: Path) -> dict:
         m = json.loads(path.read_text())
     except ValueError as e:
         raise SdrtError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(m.get("components"), dict) or not m["components"]:
+    if not isinstance(m, dict) or not isinstance(m.get("components"), dict) or not m["components"]:
         raise SdrtError(f"{path} lists no components; re-export with `sdrt export`")
+    if not isinstance(m.get("model"), dict) or not isinstance(m["model"].get("default_size"), int):
+        raise SdrtError(f"{path} has no model description with a default_size; re-export with `sdrt export`")
     for name, comp in m["components"].items():
+        ok = isinstance(comp, dict) and isinstance(comp.get("file"), str) and isinstance(comp.get("inputs"), list)
+        if not ok:
+            raise SdrtError(f"{path}: the {name} entry lacks its file or inputs; re-export with `sdrt export`")
         if not (onnx_dir / comp["file"]).exists():
             raise SdrtError(f"{onnx_dir / comp['file']} ({name}) is missing; re-export with `sdrt export`")
+        # sizes only (the hashes would read every graph): a truncated file is refused before any build
+        if (problem := entry_problem(onnx_dir, comp, verify_hashes=False)) is not None:
+            raise SdrtError(f"{path}: {name}: {problem}; re-export with `sdrt export`")
     return m
 
 
@@ -177,8 +186,9 @@ def check_sizes(specs: tuple[ProfileSpec, ...], manifest: dict) -> None:
                 raise SdrtError(f"--profile {spec}: sizes must be multiples of {step} px for this export")
 
 
-def plan_components(onnx_dir: Path, manifest: dict, options: BuildOptions, builder: Builder) -> list[Planned]:
-    """Hash every graph and derive every profile before building anything: bad input fails in seconds."""
+def check_request(onnx_dir: Path, manifest: dict, options: BuildOptions) -> list[str]:
+    """The components to build, in pipeline order, once the options fit the export (cheap: the CLI checks this
+    before it looks for TensorRT, so a user sees their own mistakes first)."""
     check_sizes(options.profiles, manifest)
     available = [c for c in COMPONENT_ORDER if c in manifest["components"]]
     available += sorted(set(manifest["components"]) - set(available))
@@ -186,7 +196,31 @@ def plan_components(onnx_dir: Path, manifest: dict, options: BuildOptions, build
     unknown = [n for n in names if n not in manifest["components"]]
     if unknown:
         raise SdrtError(f"no component {unknown[0]!r} in {onnx_dir}; it has {', '.join(available)}")
-    digests = {n: onnx_digest(onnx_dir / manifest["components"][n]["file"]) for n in names}
+    if not options.lock_timeout_s >= 0:  # also NaN
+        raise SdrtError(f"--lock-timeout must be a number of seconds >= 0, got {options.lock_timeout_s}")
+    return names
+
+
+def graph_digest(path: Path):
+    from google.protobuf.message import DecodeError
+
+    try:
+        return onnx_digest(path)
+    except (OSError, DecodeError) as e:  # a truncated or foreign file that the manifest had no size for
+        raise SdrtError(f"{path}: not a readable ONNX graph ({e}); re-export with `sdrt export`") from None
+
+
+def make_engine_dir(engine_dir: Path) -> None:
+    try:
+        engine_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SdrtError(f"{engine_dir}: cannot create the engine directory ({e.strerror})") from None
+
+
+def plan_components(onnx_dir: Path, manifest: dict, options: BuildOptions, builder: Builder) -> list[Planned]:
+    """Hash every graph and derive every profile before building anything: bad input fails in seconds."""
+    names = check_request(onnx_dir, manifest, options)
+    digests = {n: graph_digest(onnx_dir / manifest["components"][n]["file"]) for n in names}
     if options.precision == "int8" and not any(d.has_qdq for d in digests.values()):
         raise SdrtError(f"--precision int8 needs an int8 (Q/DQ) export; {onnx_dir} is "
                         f"{manifest.get('precision', '?')}: run the int8 export first")
@@ -233,7 +267,7 @@ def build_engines(onnx_dir: Path, engine_dir: Path, options: BuildOptions, build
     onnx_manifest = read_onnx_manifest(onnx_dir)
     if not options.profiles:  # as the CLI does without --profile
         options = replace(options, profiles=parse_profiles(None, onnx_manifest["model"]["default_size"]))
-    engine_dir.mkdir(parents=True, exist_ok=True)
+    make_engine_dir(engine_dir)
     with BuildLock(engine_dir, options.lock_timeout_s):
         manifest = read_manifest(engine_dir)
         planned = plan_components(onnx_dir, onnx_manifest, options, builder)

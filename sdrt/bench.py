@@ -90,10 +90,44 @@ def config_from_args(args) -> BenchConfig:
                        arch=args.arch, profile=args.profile)
 
 
+def check_outputs(args) -> None:
+    """Each --json, --markdown and --plot path can be written, checked before a benchmark of minutes rather than
+    after it: not a directory, its folder made (bench_report.write makes it) and writable, and --plot's extension a
+    format matplotlib writes."""
+    import tempfile
+    from pathlib import Path
+
+    for flag, path in (("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)):
+        if not path:
+            continue
+        p = Path(path)
+        if p.is_dir():
+            raise SdrtError(f"{flag} {path}: is a directory")
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # e.g. a file where a folder should be
+            raise SdrtError(f"{flag} {path}: cannot make its folder ({e.strerror}: {e.filename})") from None
+        try:  # a real open, not os.access: root passes that everywhere, /proc and read-only mounts included
+            with open(p, "a") if p.exists() else tempfile.TemporaryFile(dir=p.parent):
+                pass
+        except OSError as e:
+            raise SdrtError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
+    if args.plot:
+        try:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+        except ImportError:
+            return  # bench_report.plot says so when it gets there, as it always has
+        formats = FigureCanvasAgg.get_supported_filetypes()
+        if Path(args.plot).suffix[1:].lower() not in formats:
+            raise SdrtError(f"--plot {args.plot}: not an image format matplotlib writes (choose from "
+                            f"{', '.join(sorted(formats))})")
+
+
 def run(args) -> int:
     from sdrt import bench_report
 
     cfg = config_from_args(args)
+    check_outputs(args)
     report = run_bench(cfg, log=lambda msg: print(msg, flush=True))
     print()
     print(bench_report.markdown(report))
@@ -139,6 +173,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     if not any(n.strip().lower() in ("eager", "eager:fp32") for n in names):
         names.insert(0, "eager")
     names.sort(key=lambda n: n.strip().lower() not in ("eager", "eager:fp32"))  # the reference first
+    for name in names:
+        parse_row(name)  # a typo fails now, not as a skipped row; a known row that cannot run here is skipped below
 
     deadline = None if cfg.budget_s is None else started + 0.9 * cfg.budget_s
     ctx = Context(cfg.model, device, seed=cfg.seed, deadline=deadline, arch=cfg.arch,

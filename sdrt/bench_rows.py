@@ -40,15 +40,22 @@ class RowSpec:
 
 
 def parse_row(name: str) -> RowSpec:
-    from sdrt.backends import Precision, parse_spec
+    """An unknown name or precision is an SdrtError, which run_bench raises before anything runs: a typo is not a
+    skipped row. A known row that cannot run here (no TensorRT, no CUDA, a missing library) fails in setup_row."""
+    from sdrt.backends import Backend, Precision, parse_spec
 
     kind, _, prec = name.strip().lower().partition(":")
+    kinds = [b.value for b in Backend] + list(PEERS)
+    if kind not in kinds and kind != "auto":  # auto: parse_spec's alias for the fastest backend here
+        raise SdrtError(f"unknown backend {kind!r} in --backends (choose from {', '.join(kinds)})")
+    precisions = [p.value for p in Precision]
+    if prec and prec not in precisions:
+        raise SdrtError(f"unknown precision {prec!r} in --backends {name!r} (choose from {', '.join(precisions)})")
     if kind in PEERS:
-        try:
-            return RowSpec(name, kind, Precision(prec or "fp32").value)
-        except ValueError:
-            raise SdrtError(f"unknown precision {prec!r} in {name!r}") from None
-    spec = parse_spec(name)  # SdrtError for an unknown backend or precision
+        if prec == "int8":  # they cast PyTorch modules: int8 would run fp16 under an int8 label
+            raise SdrtError(f"{name!r}: the {kind} peer runs fp32, fp16 or bf16")
+        return RowSpec(name, kind, prec or "fp32")
+    spec = parse_spec(name)
     return RowSpec(name, spec.backend.value, spec.precision.value if spec.precision else None)
 
 
@@ -325,10 +332,7 @@ def prepare_exports(ctx: Context, names: list[str], log) -> None:
     """Every ONNX export the rows will read, before any row (or the eager reference) is in memory: next to live
     rows an sd15 int8 calibration does not fit in 24 GB. Results (or the error) go to ctx.exports for setup_row."""
     for name in names:
-        try:
-            spec = parse_row(name)
-        except SdrtError:
-            continue  # setup_row reports it
+        spec = parse_row(name)  # run_bench has checked every name
         if spec.kind not in ONNX_BACKENDS:
             continue
         if spec.kind == "tensorrt":

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from sdrt.errors import SdrtError
-from sdrt.models import Components, build_text_encoder, hash_files, preset_defaults
+from sdrt.models import Components, build_text_encoder, hash_files, load_tokenizer, preset_defaults
 from sdrt.specs import PRESETS, Family, ModelSpec
 
 UNET_PREFIX = "model.diffusion_model."
@@ -157,8 +157,6 @@ def load_strict(path: Path, what: str, module: torch.nn.Module, sd: dict) -> Non
 
 def load_tokenizers(folder: Path, n: int) -> list:
     """`tokenizer/` (`tokenizer_2/`) beside the file, else the builtin one; SDXL's second pads with '!'."""
-    from transformers import CLIPTokenizer
-
     from sdrt.tokenizer import builtin_tokenizer
 
     out = []
@@ -169,8 +167,6 @@ def load_tokenizers(folder: Path, n: int) -> list:
         if not src.is_dir():
             out.append(builtin_tokenizer(**pad))
             continue
-        try:  # a tokenizer_2/ folder brings its own pad token; tokenizer/ reused for SDXL's second gets '!'
-            out.append(CLIPTokenizer.from_pretrained(src, local_files_only=True, **({} if src == own else pad)))
-        except (OSError, ValueError) as e:
-            raise SdrtError(f"{src}: cannot load tokenizer: {str(e).strip().splitlines()[0]}") from None
+        # a tokenizer_2/ folder brings its own pad token; tokenizer/ reused for SDXL's second gets '!'
+        out.append(load_tokenizer(src, **({} if src == own else pad)))
     return out

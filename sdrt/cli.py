@@ -21,8 +21,17 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse answers a bad flag with its usage block and exit 2; sdrt's protocol for bad input is one line and
+    exit 1 (2 is an internal error). Subcommand parsers are made of the same class."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdrt", description="Stable Diffusion inference runtime and compiler.")
+    parser = _Parser(prog="sdrt", description="Stable Diffusion inference runtime and compiler.")
     parser.add_argument("--version", action="version", version=f"sdrt {__version__}")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback of an internal error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -51,6 +51,9 @@ def run(args) -> int:
     import sys
     import time
 
+    import numpy as np
+    import torch
+
     from sdrt import __version__
     from sdrt.backends import Backend, Precision, make_backend, parse_spec
     from sdrt.errors import SdrtError
@@ -117,6 +120,9 @@ def run(args) -> int:
             bar.close()
     for w in result.warnings:
         say(f"warning: {w}")
+    if not (np.isfinite(result.pixels).all() and torch.isfinite(result.latents).all()):
+        raise SdrtError("the image came out NaN/inf (weights with NaNs, or a guidance so large it overflows): "
+                        "nothing written")
 
     r = result.request
     prompts = r.prompts
@@ -138,17 +144,24 @@ def run(args) -> int:
     return 0
 
 
-# What --params-from restores: the request's parameters as `sdrt generate` stores them in the PNG (see run).
-RESTORED = ("prompt", "negative_prompt", "seed", "steps", "scheduler", "guidance", "height", "width", "batch",
-            "init_image", "strength")
+# What --params-from restores: the request's parameters as `sdrt generate` stores them in the PNG (see run), and
+# the JSON types each may have there.
+RESTORED = {"prompt": (str,), "negative_prompt": (str,), "seed": (int,), "steps": (int,), "scheduler": (str,),
+            "guidance": (int, float), "height": (int,), "width": (int,), "batch": (int,), "init_image": (str,),
+            "strength": (int, float)}
 
 
 def take_params(args, path) -> dict:
     """Fill every option of RESTORED the command line left unset from the PNG at `path`; returns its parameters."""
+    from sdrt.errors import SdrtError
     from sdrt.image import params_from
 
     params = params_from(path)
-    for key in RESTORED:
-        if getattr(args, key) is None and params.get(key) is not None:
-            setattr(args, key, params[key])
+    for key, types in RESTORED.items():
+        value = params.get(key)
+        if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
+            want = " or ".join(t.__name__ for t in types)
+            raise SdrtError(f"{path}: its {key} is {value!r} ({type(value).__name__}, not {want})")
+        if getattr(args, key) is None and value is not None:
+            setattr(args, key, value)
     return params

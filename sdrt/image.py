@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,8 @@ def load_image(path):
 
     try:
         with Image.open(Path(path).expanduser()) as im:
+            if im.mode.startswith("I;16") or im.mode == "I":  # 16-bit grey: convert("RGB") would clip at 255
+                im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
             return im.convert("RGB")
     except FileNotFoundError:
         raise SdrtError(f"init image {path}: no such file") from None
@@ -90,7 +93,19 @@ def load_image(path):
 
 def output_paths(out, n: int) -> list[Path]:
     """OUT.png for the first image, OUT-1.png, OUT-2.png, ... for the others."""
+    if not str(out):
+        raise SdrtError("the output path is empty")
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise SdrtError(f"output {out}: sdrt writes PNG files, name it *.png")
+    if out.is_dir():
+        raise SdrtError(f"output {out} is a directory")
+    # Checked before the generation, not after it: the nearest existing ancestor must be a writable directory.
+    up = out.expanduser().absolute().parent
+    while not up.exists():
+        up = up.parent
+    if not up.is_dir():
+        raise SdrtError(f"output {out}: {up} is not a directory")
+    if not os.access(up, os.W_OK):
+        raise SdrtError(f"output {out}: {up} is not writable")
     return [out] + [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(1, n)]

@@ -17,6 +17,15 @@ import torch
 from sdrt.errors import SdrtError
 from sdrt.specs import PRESETS, Family, ModelSpec
 
+# What diffusers and transformers raise when a component's config has a value of the wrong type or shape: they build
+# the module from it as given ("block_out_channels": 5 is a TypeError, [] an IndexError, "heads": 0 a division).
+CONFIG_ERRORS = (TypeError, ValueError, AttributeError, KeyError, IndexError, ArithmeticError)
+try:  # transformers 5 validates configs with huggingface_hub's strict dataclasses
+    from huggingface_hub.errors import StrictDataclassError
+    CONFIG_ERRORS += (StrictDataclassError,)
+except ImportError:
+    pass
+
 
 @dataclass
 class Components:
@@ -83,11 +92,18 @@ def source_hash(model: str, seed: int = 0) -> str:
     """The weights' identity without building anything: caches (ONNX exports, engines) key on it, so an
     up-to-date check costs a file hash (a few seconds for SD1.5), not a model build."""
     if model in PRESETS:
+        check_seed(seed)
         return hashlib.sha256(f"preset:{model}:seed={seed}".encode()).hexdigest()
     path = Path(model).expanduser()
     if not path.exists():
         raise SdrtError(f"model '{model}' is neither a preset ({', '.join(PRESETS)}) nor an existing path")
     return hash_files(weight_files(path) if path.is_dir() else [path])
+
+
+def check_seed(seed: int) -> None:
+    # torch.manual_seed takes [-2^63, 2^64) and folds negatives; the pipeline's noise seeds are [0, 2^63): the same.
+    if not 0 <= seed < 2**63:
+        raise SdrtError(f"seed must be an integer in [0, 2^63), got {seed}")
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -104,6 +120,7 @@ def build_text_encoder(cfg: dict, bos: int, eos: int):
 
 def build_preset(spec: ModelSpec, seed: int = 0) -> Components:
     """Seeded random weights with the preset's exact architecture (no files, no download)."""
+    check_seed(seed)
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from sdrt.tokenizer import builtin_tokenizer
@@ -133,52 +150,102 @@ def family_of(unet_config, n_text_encoders: int) -> Family:
 
 def load_diffusers_folder(path: Path) -> Components:
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     index = path / "model_index.json"
     if not index.is_file():
         raise SdrtError(f"{path}: not a diffusers folder (no model_index.json)")
-    try:
-        entries = json.loads(index.read_text())
-    except json.JSONDecodeError as e:
-        raise SdrtError(f"{index}: invalid JSON ({e.msg}, line {e.lineno})") from None
+    entries = read_json_object(index)
     needed = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
     if "text_encoder_2" in entries:
         needed += ["text_encoder_2", "tokenizer_2"]
     for name in needed:
         if not (path / name).is_dir():
             raise SdrtError(f"{path}: component '{name}' is missing (no {name}/ folder)")
+        entry = entries.get(name, ["", ""])  # diffusers writes [library, class]; we read the text encoders' class
+        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(x, str) for x in entry)):
+            raise SdrtError(f"{index}: '{name}' must be [library, class], got {json.dumps(entry)}")
     sched_file = path / "scheduler" / "scheduler_config.json"
     if not sched_file.is_file():
         raise SdrtError(f"{path}: component 'scheduler' is missing scheduler_config.json")
 
-    def load(what: str, fn):
+    def load(sub: str, fn):
+        config = path / sub / "config.json"
+        if config.is_file():  # the libraries take a non-object config for a hub model id and say so, confusingly
+            read_json_object(config)
         try:
             return fn()
-        except (OSError, ValueError, RuntimeError, KeyError, json.JSONDecodeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise SdrtError(f"{path}: cannot load {what}: {first}") from None
+        except (OSError, RuntimeError) as e:  # missing, truncated or corrupt files
+            raise SdrtError(f"{path}: cannot load {sub}: {first_line(e)}") from None
+        except CONFIG_ERRORS as e:
+            raise SdrtError(f"{config}: cannot build {sub} from it: {type(e).__name__}: {first_line(e)}") from None
 
     def text_encoder(sub: str):
         # The SDXL second encoder is CLIPTextModelWithProjection (its pooled output is projected).
-        cls_name = entries.get(sub, [None, None])[1]
+        cls_name = entries.get(sub, ["", ""])[1]
         cls = CLIPTextModelWithProjection if cls_name == "CLIPTextModelWithProjection" else CLIPTextModel
         return load(sub, lambda: cls.from_pretrained(path / sub, local_files_only=True))
 
     subs = ["text_encoder"] + (["text_encoder_2"] if "text_encoder_2" in entries else [])
     text_encoders = [text_encoder(s) for s in subs]
-    tokenizers = [load(f"tokenizer{s[12:]}", lambda s=s: CLIPTokenizer.from_pretrained(
-        path / f"tokenizer{s[12:]}", local_files_only=True)) for s in subs]
+    tokenizers = [load_tokenizer(path / f"tokenizer{s[12:]}") for s in subs]
     unet = load("unet", lambda: UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True))
     vae = load("vae", lambda: AutoencoderKL.from_pretrained(path / "vae", local_files_only=True))
-    sched = load("scheduler", lambda: json.loads(sched_file.read_text()))
+    sched = read_json_object(sched_file)
     family = family_of(unet.config, len(text_encoders))
-    size = int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
+    sample = unet.config.sample_size  # diffusers takes any value here and uses it only in its own pipelines
+    if type(sample) is not int or sample < 1:
+        raise SdrtError(f"{path / 'unet' / 'config.json'}: sample_size must be a positive integer, got {sample!r}")
+    size = sample * 2 ** (len(vae.config.block_out_channels) - 1)
+    cls_name = str(sched.get("_class_name"))  # str: a list there would be unhashable
     defaults = dict(steps=30, guidance=5.0 if family is Family.SDXL else 7.5,
                     scheduler={"PNDMScheduler": "pndm", "DDIMScheduler": "ddim", "LCMScheduler": "lcm",
-                               "EulerAncestralDiscreteScheduler": "euler-a"}.get(sched.get("_class_name"), "euler"))
+                               "EulerAncestralDiscreteScheduler": "euler-a"}.get(cls_name, "euler"))
     return Components(path.name, family, tokenizers, text_encoders, unet, vae, sched, size, str(path),
                       hash_files(weight_files(path)), defaults)
+
+
+# What transformers' CLIPTokenizer reads its vocabulary from: the fast tokenizer's file, or the slow one's pair.
+VOCAB_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+
+
+def load_tokenizer(folder: Path, **kw):
+    """A CLIPTokenizer from a transformers tokenizer folder. transformers builds one out of an empty folder (two
+    special tokens, model_max_length 1e30, which overflows on padding), so the vocabulary files and what was loaded
+    are checked: every backend runs CLIP's 77-token context."""
+    from transformers import CLIPTokenizer
+
+    from sdrt.tokenizer import MAX_LENGTH
+
+    if not any(all((folder / f).is_file() for f in files) for files in VOCAB_FILES):
+        raise SdrtError(f"{folder}: no tokenizer vocabulary (tokenizer.json, or vocab.json and merges.txt)")
+    try:
+        tok = CLIPTokenizer.from_pretrained(folder, local_files_only=True, **kw)
+    except (OSError, *CONFIG_ERRORS) as e:
+        raise SdrtError(f"{folder}: cannot load tokenizer: {first_line(e)}") from None
+    if tok.model_max_length != MAX_LENGTH:
+        raise SdrtError(f"{folder}: model_max_length is {tok.model_max_length}, not CLIP's {MAX_LENGTH} "
+                        "(set it in tokenizer_config.json)")
+    if len(tok) < 256:  # byte-level BPE: one symbol per byte at least, or text cannot be encoded
+        raise SdrtError(f"{folder}: a vocabulary of {len(tok)} tokens is not a CLIP BPE vocabulary")
+    return tok
+
+
+def read_json_object(file: Path) -> dict:
+    """A JSON file that must hold an object: model_index.json, a component's config."""
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise SdrtError(f"{file}: invalid JSON ({e.msg}, line {e.lineno})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SdrtError(f"{file}: cannot read: {first_line(e)}") from None
+    if not isinstance(data, dict):
+        raise SdrtError(f"{file}: expected a JSON object, got {json.dumps(data)[:40]}")
+    return data
+
+
+def first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def hash_files(files: list[Path]) -> str:

@@ -27,6 +27,7 @@ from sdrt.errors import SdrtError
 from sdrt.specs import Family
 
 MIN_SIZE, MAX_SIZE = 64, 4096  # pixels per side, unless the backend says otherwise (min_size, max_size)
+MAX_BATCH = 64  # images per prompt and call: with guidance a UNet batch of 128, already past any GPU's memory at 1024^2
 
 
 @dataclass(frozen=True)
@@ -113,11 +114,15 @@ class Pipeline:
                     guidance=d.get("guidance", 7.5) if r.guidance is None else r.guidance,
                     scheduler=d.get("scheduler", "pndm") if r.scheduler is None else r.scheduler)
         m = getattr(self.backend, "size_multiple", 8)
+        lo, hi = getattr(self.backend, "min_size", MIN_SIZE), getattr(self.backend, "max_size", MAX_SIZE)
         if r.init_image is not None:  # diffusers' VaeImageProcessor: the image's size, rounded down to a multiple
             w, h = r.init_image.size
             r = replace(r, height=r.height or max(h // m * m, m), width=r.width or max(w // m * m, m))
+            if not (lo <= r.height <= hi and lo <= r.width <= hi):
+                raise SdrtError(f"the init image is {w}x{h} pixels, {r.width}x{r.height} at a multiple of {m}: "
+                                f"outside [{lo}, {hi}] per side; give a height and width to resize it to")
         r = replace(r, height=r.height or self.info.default_size, width=r.width or self.info.default_size)
-        check_request(r, m, getattr(self.backend, "min_size", MIN_SIZE), getattr(self.backend, "max_size", MAX_SIZE))
+        check_request(r, m, lo, hi)
         return r
 
     def generate(self, request: GenerationRequest, progress=None) -> GenerationResult:
@@ -263,16 +268,26 @@ def check_request(r: GenerationRequest, size_multiple: int = 8, min_size: int = 
     if not r.prompts or not all(isinstance(p, str) for p in r.prompts):
         raise SdrtError("prompt must be a string or a non-empty list of strings")
     neg = r.negative_prompt
+    if neg is not None and not (isinstance(neg, str) or isinstance(neg, (list, tuple)) and
+                                all(isinstance(n, str) for n in neg)):
+        raise SdrtError("negative prompt must be a string or a list of strings")
     if neg is not None and not isinstance(neg, str) and len(neg) != len(r.prompts):
         raise SdrtError(f"{len(neg)} negative prompts for {len(r.prompts)} prompts: give one, or one per prompt")
+    texts = [("prompt", t) for t in r.prompts] + [("negative prompt", t) for t in
+                                                   ([neg] if isinstance(neg, str) else neg or [])]
+    for what, text in texts:
+        try:  # bytes a terminal could not decode arrive as lone surrogates, which no tokenizer takes
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise SdrtError(f"{what} {text!r} is not valid UTF-8 text") from None
     if r.steps is not None and (not isinstance(r.steps, int) or r.steps < 1):
         raise SdrtError(f"steps must be an integer >= 1, got {r.steps!r}")
     if r.guidance is not None and not math.isfinite(float(r.guidance)):
         raise SdrtError(f"guidance must be a finite number, got {r.guidance}")
     if r.scheduler is not None and r.scheduler not in schedulers.SCHEDULERS:
         raise SdrtError(f"unknown scheduler {r.scheduler!r}; choose one of: {', '.join(schedulers.SCHEDULERS)}")
-    if not isinstance(r.batch, int) or r.batch < 1:
-        raise SdrtError(f"batch must be an integer >= 1, got {r.batch!r}")
+    if not isinstance(r.batch, int) or not 1 <= r.batch <= MAX_BATCH:
+        raise SdrtError(f"batch must be an integer in [1, {MAX_BATCH}], got {r.batch!r}")
     if not isinstance(r.seed, int) or not 0 <= r.seed < 2**63:
         raise SdrtError(f"seed must be an integer in [0, 2^63), got {r.seed!r}")
     if r.init_image is not None and not 0.0 < float(r.strength) <= 1.0:

@@ -50,14 +50,16 @@ def check_row(row: dict, runs: int) -> None:
 
 
 def test_bench_tiny(tmp_path, cache):
+    from sdrt.backends.tensorrt import tensorrt_available
+
     out = {k: tmp_path / f"report.{k}" for k in ("json", "md", "png")}
-    args = parse(["tiny", "--backends", "eager,onnxruntime,bogus", "--runs", "2", "--steps", "2",
+    args = parse(["tiny", "--backends", "eager,onnxruntime,tensorrt:fp16", "--runs", "2", "--steps", "2",
                   "--json", str(out["json"]), "--markdown", str(out["md"]), "--plot", str(out["png"])])
     assert bench.run(args) == 0
     report = json.loads(out["json"].read_text())
     rows = {r["backend"]: r for r in report["results"]}
-    assert list(rows) == ["eager", "onnxruntime", "bogus"]
-    assert "unknown backend 'bogus'" in rows["bogus"]["skipped"]
+    assert list(rows) == ["eager", "onnxruntime", "tensorrt:fp16"]
+    assert rows["tensorrt:fp16"]["skipped"] == tensorrt_available()[1]  # a known row that cannot run here: its reason
     for name in ("eager", "onnxruntime"):
         check_row(rows[name], runs=2)
     # The reference row has no drift to report (null, not inf: JSON has no infinity); its speedups are 1 by
@@ -71,9 +73,9 @@ def test_bench_tiny(tmp_path, cache):
     assert report["request"]["steps"] == 2 and report["request"]["batch"] == 1
     assert {"torch", "onnxruntime", "diffusers"} <= report["env"]["versions"].keys()
     assert report["env"]["cpu"] and "git" in report["env"]
-    assert report["command"].startswith("sdrt bench tiny --backends eager,onnxruntime,bogus")
+    assert report["command"].startswith("sdrt bench tiny --backends eager,onnxruntime,tensorrt:fp16")
     md = out["md"].read_text()
-    assert "| eager | fp32 |" in md and "| bogus | skipped: unknown backend" in md
+    assert "| eager | fp32 |" in md and "| tensorrt:fp16 | skipped: TensorRT is not" in md
     assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -149,6 +151,44 @@ def test_bad_arguments_are_one_line_errors():
         bench.config_from_args(parse(["tiny", "--runs", "0"]))
     with pytest.raises(SdrtError, match="empty"):
         bench.config_from_args(parse(["tiny", "--backends", ","]))
+
+
+@pytest.mark.parametrize("rows, message", [
+    ("eager,foo", "unknown backend 'foo' in --backends \\(choose from eager, .*, diffusers, torch.compile\\)"),
+    ("eager:fp8", "unknown precision 'fp8' in --backends 'eager:fp8' \\(choose from fp32, "),
+    ("diffusers:int4", "unknown precision 'int4'"),
+    ("diffusers:int8", "the diffusers peer runs fp32, fp16 or bf16"),  # it would run fp16 under an int8 label
+])
+def test_a_typo_in_backends_fails_before_anything_runs(monkeypatch, rows, message):
+    # A typo is an error, not a skipped row in a report that exits 0; run_bench checks the names before its
+    # first step (the exports), so nothing runs. A known row that cannot run here is still skipped (test_bench_tiny).
+    from sdrt import bench_rows
+
+    monkeypatch.setattr(bench_rows, "prepare_exports", lambda *a: pytest.fail("the benchmark started"))
+    with pytest.raises(SdrtError, match=message):
+        bench.run(parse(["tiny", "--backends", rows]))
+
+
+@pytest.mark.parametrize("flag, path, message", [
+    ("--json", ".", "--json .*: is a directory"),
+    ("--json", "/proc/x.json", "--json /proc/x.json: cannot write there"),  # mkdir passes, the file cannot be made
+    ("--markdown", "a_file/r.md", "--markdown .*a_file/r.md: cannot make its folder"),
+    ("--plot", "r.txt", "--plot .*r.txt: not an image format matplotlib writes \\(choose from .*png"),
+])
+def test_bad_output_paths_fail_before_anything_runs(tmp_path, monkeypatch, flag, path, message):
+    # Found at the end they cost the whole benchmark (minutes on a GPU) and came out as internal errors.
+    pytest.importorskip("matplotlib")
+    (tmp_path / "a_file").write_text("")
+    path = path if path.startswith("/") else str(tmp_path / path)
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **kw: pytest.fail("the benchmark started"))
+    with pytest.raises(SdrtError, match=message):
+        bench.run(parse(["tiny", flag, path]))
+
+
+def test_output_folders_are_made_up_front(tmp_path):
+    bench.check_outputs(parse(["tiny", "--json", str(tmp_path / "new" / "r.json"), "--plot",
+                               str(tmp_path / "new" / "r.SVG")]))
+    assert (tmp_path / "new").is_dir() and not (tmp_path / "new" / "r.json").exists()
 
 
 def test_command_line_reproduces_the_config():

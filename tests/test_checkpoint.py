@@ -77,6 +77,15 @@ def test_tokenizer_folder_beside_file_is_used(files, tmp_path):
     assert "<sdrt-test-token>" in c.tokenizers[0].get_vocab()
 
 
+def test_empty_tokenizer_folder_beside_file_is_refused(files, tmp_path):
+    # transformers makes a 2-token tokenizer with model_max_length 1e30 of an empty folder; generate overflowed
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(files["tiny"][1].read_bytes())
+    (tmp_path / "tokenizer").mkdir()
+    with pytest.raises(SdrtError, match="tokenizer: no tokenizer vocabulary"):
+        load_single_file(path)
+
+
 def one_line_error(path, match: str) -> str:
     with pytest.raises(SdrtError, match=match) as e:
         load_single_file(path)

@@ -9,7 +9,7 @@ from PIL import Image
 from sdrt import generate
 from sdrt.backends import make_backend
 from sdrt.cli import main
-from sdrt.image import psnr, read_params
+from sdrt.image import load_image, psnr, read_params, save_png
 from sdrt.models import load_model
 from sdrt.pipeline import GenerationRequest, Pipeline
 
@@ -20,7 +20,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def run_cli(capsys, *argv):
-    rc = main(["generate", *argv])
+    try:
+        rc = main(["generate", *argv])
+    except SystemExit as e:  # argparse's errors exit from inside main, as `sdrt` then does
+        rc = e.code
     return rc, capsys.readouterr().err
 
 
@@ -132,12 +135,27 @@ def test_empty_prompt_is_unconditional_and_long_prompts_warn(tmp_path, capsys):
     (["--backend", "eager:fp8"], "unknown precision"),
     (["-o", "out.jpg"], "PNG"),
     (["--width", "32", "--backend", "eager"], "width must be a multiple of 8 in \\[64"),  # after loading: eager's limit
+    (["--width", "64.5"], "argument --width: invalid int value"),  # argparse's own errors: one line, exit 1 too
+    (["--batch", "65"], r"batch must be an integer in \[1, 64\]"),
+    (["--device", "foo"], "unknown device 'foo'"),
+    (["--device", "cuda:9"], "device 'cuda:9': "),  # no CUDA here, or fewer GPUs
+    (["-n", "\udcff"], "negative prompt .* is not valid UTF-8"),  # a byte the terminal could not decode
+    (["--init-image", "ONE_PIXEL"], "the init image is 1x1 pixels"),
+    (["--params-from", "ILL_TYPED"], "its seed is True \\(bool, not int\\)"),
+    (["-o", "A_DIR.png"], "is a directory"),
+    (["-o", "A_FILE/x.png"], "is not a directory"),
+    (["-o", ""], "the output path is empty"),
 ])
 def test_bad_input_is_one_line_error(tmp_path, capsys, argv, match):
     init, bad = tmp_path / "init.png", tmp_path / "bad.png"
     Image.new("RGB", (64, 64)).save(init)
+    Image.new("RGB", (1, 1)).save(tmp_path / "one.png")
+    save_png(np.zeros((8, 8, 3)), tmp_path / "ill.png", {"prompt": "a", "seed": True})
     bad.write_text("not a png")
-    subst = {"INIT": str(init), "NOT_AN_IMAGE": str(bad), "MISSING": str(tmp_path / "missing.png")}
+    (tmp_path / "d.png").mkdir()
+    subst = {"INIT": str(init), "NOT_AN_IMAGE": str(bad), "MISSING": str(tmp_path / "missing.png"),
+             "ONE_PIXEL": str(tmp_path / "one.png"), "ILL_TYPED": str(tmp_path / "ill.png"),
+             "A_DIR.png": str(tmp_path / "d.png"), "A_FILE/x.png": str(bad / "x.png")}
     argv = [subst.get(a, a) for a in argv]
     if "-o" not in argv:
         argv += ["-o", str(tmp_path / "x.png")]
@@ -149,6 +167,20 @@ def test_bad_input_is_one_line_error(tmp_path, capsys, argv, match):
     import re
 
     assert re.search(match, lines[0]), lines[0]
+
+
+def test_a_nonfinite_image_is_an_error_and_not_written(tmp_path, capsys):
+    # Guidance this large overflows fp32 in the guidance combine: NaN latents, which once became a garbage PNG.
+    out = tmp_path / "nan.png"
+    rc, err = run_cli(capsys, "tiny", "a", "--backend", "eager", *FAST, "--guidance", "1e308", "-o", str(out))
+    assert rc == 1 and "came out NaN/inf" in err.splitlines()[-1] and not out.exists()
+
+
+def test_a_16_bit_grey_init_image_keeps_its_levels(tmp_path):
+    # PIL's convert("RGB") clips 16-bit values at 255: mid-grey 32768 would come back white.
+    Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(tmp_path / "g16.png")
+    rgb = np.asarray(load_image(tmp_path / "g16.png"))
+    assert rgb.shape == (8, 8, 3) and (rgb == 128).all()  # 32768 / 257, rounded
 
 
 def test_run_through_its_own_parser(tmp_path):

@@ -113,14 +113,36 @@ def bad_input(tmp_path, tiny_folder, case):
     elif case == "corrupt weights":
         w = next((folder / "vae").glob("*.safetensors"))
         w.write_bytes(b"\xff" * 64)
+    elif case == "empty tokenizer folder":  # transformers made a 2-token tokenizer of it, max_length 1e30
+        shutil.rmtree(folder / "tokenizer")
+        (folder / "tokenizer").mkdir()
+    elif case in BAD_JSON:
+        file, change, _ = BAD_JSON[case]
+        data = json.loads((folder / file).read_text())  # a dict change is merged in, anything else replaces it
+        (folder / file).write_text(json.dumps({**data, **change} if isinstance(change, dict) else change))
     return str(folder)
+
+
+# JSON of the wrong shape, each an internal error (exit 2) or a nonsense tokenizer once: file, change, message.
+BAD_JSON = {
+    "model_index not an object": ("model_index.json", [1, 2, 3], "model_index.json: expected a JSON object"),
+    "component entry a number": ("model_index.json", {"text_encoder": 5}, "'text_encoder' must be"),
+    "component entry empty": ("model_index.json", {"text_encoder": []}, "'text_encoder' must be"),
+    "scheduler config a list": ("scheduler/scheduler_config.json", [1], "scheduler_config.json: expected a JSON"),
+    "unet config a list": ("unet/config.json", [1], "config.json: expected a JSON object"),
+    "sample_size a string": ("unet/config.json", {"sample_size": "abc"}, "sample_size must be a positive integer"),
+    "vae config unbuildable": ("vae/config.json", {"block_out_channels": []}, "config.json: cannot build vae"),
+    "tokenizer max length": ("tokenizer/tokenizer_config.json", {"model_max_length": 1000},
+                             "model_max_length is 1000, not CLIP's 77"),
+}
 
 
 CASES = {"missing path": "neither a preset", "unknown preset": "neither a preset",
          "not a model file": "expected a diffusers folder", "no model_index": "no model_index.json",
          "bad model_index": "invalid JSON", "missing component": "component 'vae' is missing",
          "missing scheduler config": "scheduler_config.json", "truncated weights": "cannot load unet",
-         "corrupt weights": "cannot load vae"}
+         "corrupt weights": "cannot load vae", "empty tokenizer folder": "tokenizer: no tokenizer vocabulary",
+         **{case: message for case, (_, _, message) in BAD_JSON.items()}}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -131,6 +153,15 @@ def test_bad_model_input_is_one_line_and_exit_1(case, tmp_path, tiny_folder, cap
     assert main(["info", model]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and CASES[case] in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["info", "export"])
+@pytest.mark.parametrize("seed", [-1, 2**63, 99999999999999999999999])
+def test_preset_seed_out_of_range_is_exit_1(command, seed, tmp_path, capsys):
+    # torch.manual_seed overflowed past 2^64 (an internal error) and folded negatives onto other seeds
+    argv = [command, "tiny", "--seed", str(seed)] + (["-o", str(tmp_path / "out")] if command == "export" else [])
+    assert main(argv) == 1
+    assert "seed must be an integer in [0, 2^63)" in capsys.readouterr().err
 
 
 def test_info_cli_prints_components(capsys):

@@ -118,6 +118,17 @@ def default_device(device=None):
     """The device a backend runs on: the one asked for, else CUDA when present, else CPU."""
     import torch
 
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SdrtError(f"unknown device {device!r} (cpu, cuda or cuda:N)") from None
+    if d.type not in ("cpu", "cuda"):
+        raise SdrtError(f"device {device!r}: sdrt runs on cpu or cuda")
+    if d.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise SdrtError(f"device {device!r}: {why}")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise SdrtError(f"device {device!r}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 ..)")
+    return d

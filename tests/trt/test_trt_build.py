@@ -213,3 +213,56 @@ def test_profiles_must_fit_the_export(tmp_path, onnx_dir, fake_builder):
 def test_unknown_component(tmp_path, onnx_dir, fake_builder):
     with pytest.raises(SdrtError, match="no component 'controlnet' in .*; it has text_encoder, unet, vae_decoder"):
         build(onnx_dir, tmp_path / "e", fake_builder(), components=("controlnet",))
+
+
+def _unet(m, **change):
+    return {**m, "components": {**m["components"], "unet": {**m["components"]["unet"], **change}}}
+
+
+def _no_tensorrt(options):
+    raise SdrtError("TensorRT is not installed")  # what a machine without it says, once everything else passed
+
+
+@pytest.mark.parametrize("edit,argv,message", [
+    (lambda m: [1], [], "lists no components"),
+    (lambda m: {**m, "model": 5}, [], "has no model description with a default_size"),
+    (lambda m: {**m, "components": {**m["components"], "unet": 5}}, [], "the unet entry lacks its file or inputs"),
+    (lambda m: _unet(m, graph_bytes=10**6), [], "unet: unet.onnx has .* bytes, the manifest says 1000000"),
+    (None, ["--components", "foo"], "no component 'foo'"),
+    (None, ["-o", "{tmp}/file/engines"], "cannot create the engine directory"),
+    (None, ["--lock-timeout", "-5"], "--lock-timeout must be a number of seconds >= 0"),
+], ids=["manifest a list", "model a number", "entry a number", "truncated graph", "unknown component",
+        "engine dir under a file", "negative lock timeout"])
+def test_the_users_mistakes_come_before_tensorrt(tmp_path, onnx_dir, edit, argv, message):
+    # each was an internal error (AttributeError, TypeError, FileNotFoundError) or hid behind "TensorRT is not
+    # installed" on a machine without it
+    import argparse
+
+    from sdrt.export import build_cli
+
+    if edit is not None:
+        path = onnx_dir / "manifest.json"
+        path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    (tmp_path / "file").write_text("")
+    p = argparse.ArgumentParser(prog="sdrt build")
+    build_cli.add_arguments(p)
+    args = p.parse_args([str(onnx_dir), *(a.format(tmp=tmp_path) for a in argv)])
+    with pytest.raises(SdrtError, match=message):
+        build_cli.run(args, make_builder=_no_tensorrt)
+
+
+def test_an_unreadable_graph_is_a_user_error(tmp_path, onnx_dir, fake_builder):
+    # a manifest without sizes (hand-made) cannot catch the truncation; onnx's DecodeError was an internal error
+    (onnx_dir / "unet.onnx").write_bytes((onnx_dir / "unet.onnx").read_bytes()[:100])
+    with pytest.raises(SdrtError, match="unet.onnx: not a readable ONNX graph"):
+        build(onnx_dir, tmp_path / "e", fake_builder())
+
+
+def test_load_manifest_refuses_a_model_that_is_not_an_object(onnx_dir):
+    from sdrt.export.onnx_manifest import load_manifest, read_manifest
+
+    path = onnx_dir / "manifest.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "model": 5}))  # was an AttributeError
+    with pytest.raises(SdrtError, match="not a format-1 sdrt manifest"):
+        load_manifest(onnx_dir)
+    assert read_manifest(onnx_dir) is None  # the exporter starts afresh, as with any unreadable manifest
