@@ -90,11 +90,17 @@ class _Slot:
         for name, shape in shapes.items():
             self.context.set_input_shape(name, shape)
         self.buffers = {}
-        for name in owner.inputs + owner.outputs:  # output shapes resolve once every input shape is set
-            shape = tuple(self.context.get_tensor_shape(name))
-            self.buffers[name] = torch.empty(shape, dtype=_torch_dtype(trt, engine.get_tensor_dtype(name)),
-                                             device=owner.device)
-            self.context.set_tensor_address(name, self.buffers[name].data_ptr())
+        # Normal tensors even when a shape's first call runs under torch.inference_mode(): inference tensors would
+        # refuse the in-place copy_ of every later call made outside it
+        with torch.inference_mode(False):
+            for name in owner.inputs + owner.outputs:  # output shapes resolve once every input shape is set
+                shape = tuple(self.context.get_tensor_shape(name))
+                if min(shape, default=0) < 0:  # -1: the input shapes do not fit together (a sample batch of 4
+                    # beside a timestep batch of 2), each one inside its profile
+                    raise SdrtError(f"{owner.name}: TensorRT cannot resolve {name}'s shape from the inputs {shapes}")
+                self.buffers[name] = torch.empty(shape, dtype=_torch_dtype(trt, engine.get_tensor_dtype(name)),
+                                                 device=owner.device)
+                self.context.set_tensor_address(name, self.buffers[name].data_ptr())
 
     def _enqueue(self) -> None:
         import torch
