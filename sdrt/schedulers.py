@@ -234,6 +234,20 @@ def _config(name: str, given: dict) -> dict:
     for k, allowed in _CHOICES.items():
         if k in cfg and cfg[k] not in allowed:
             raise SdrtError(f"scheduler {name}: config {k}={cfg[k]!r} is not one of {', '.join(allowed)}")
+    for k, default in defaults.items():  # a user's scheduler_config.json: "num_train_timesteps": "1000" and the like
+        v, kind = cfg[k], type(default)
+        if kind is bool:
+            ok = isinstance(v, bool)
+        elif kind is int:
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        elif kind is float:  # an int will do; -inf is lambda_min_clipped's default, NaN never is
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+        else:
+            continue
+        if not ok:
+            raise SdrtError(f"scheduler {name}: config {k}={v!r} is not a{'n' if kind is int else ''} {kind.__name__}")
+    if cfg["num_train_timesteps"] < 1:
+        raise SdrtError(f"scheduler {name}: config num_train_timesteps={cfg['num_train_timesteps']} is not >= 1")
     return cfg
 
 

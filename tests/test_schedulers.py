@@ -251,6 +251,12 @@ def test_ancestral_needs_noise():
         ("euler-a", {"prediction_type": "sample"}, 20, 1.0, "does not support prediction_type='sample'"),
         ("lcm", {}, 60, 1.0, "at most original_inference_steps=50"),
         ("ddim", {}, 1001, 1.0, "more than the model's 1000"),
+        # ill-typed values from a user's scheduler_config.json, once TypeErrors deep in the tables
+        ("pndm", {"num_train_timesteps": "1000"}, 20, 1.0, "num_train_timesteps='1000' is not an int"),
+        ("ddim", {"beta_start": "x"}, 20, 1.0, "beta_start='x' is not a float"),
+        ("ddim", {"clip_sample": 1}, 20, 1.0, "clip_sample=1 is not a bool"),
+        ("euler", {"beta_end": float("nan")}, 20, 1.0, "beta_end=nan is not a float"),
+        ("ddim", {"num_train_timesteps": 0}, 1, 1.0, "num_train_timesteps=0 is not >= 1"),
     ],
 )
 def test_errors_are_one_clear_line(name, cfg, steps, strength, message):
