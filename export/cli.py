@@ -59,15 +59,7 @@ def run(args) -> int:
 def run_int8(args) -> int:
     from sdrt.export.int8 import export_int8
 
-    from sdrt.errors import SdrtError
     from sdrt.models import load_model
-    from sdrt.pipeline import MAX_SIZE, MIN_SIZE
-
-    px = args.calibration_size
-    if px is not None and (px % 8 or not MIN_SIZE <= px <= MAX_SIZE):
-        raise SdrtError(f"--calibration-size must be a multiple of 8 in [{MIN_SIZE}, {MAX_SIZE}], got {px}")
-    if args.calibration_steps < 1:
-        raise SdrtError(f"--calibration-steps must be >= 1, got {args.calibration_steps}")
 
     m = export_int8(load_model(args.model, seed=args.seed, arch=args.arch), None, args.output,
                     calibration_prompts=args.calibration_prompts, calibration_steps=args.calibration_steps,

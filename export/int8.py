@@ -57,6 +57,7 @@ def export_int8(model, fp32_onnx_dir, out_dir, calibration_prompts=None, calibra
     if not isinstance(calibration_steps, int) or calibration_steps < 1:
         raise SdrtError(f"calibration steps must be an integer >= 1, got {calibration_steps!r}")
     c = _components(model)
+    _check_size(c, size)  # before the fp32 export, which can take minutes
     fp32_dir, src = _fp32_source(c, fp32_onnx_dir, say if progress else None)
     out_dir = Path(out_dir)
     if out_dir.resolve() == fp32_dir.resolve():
@@ -107,6 +108,17 @@ def export_int8(model, fp32_onnx_dir, out_dir, calibration_prompts=None, calibra
         write_manifest(out_dir, manifest)
         say(f"wrote {out_dir / 'manifest.json'} in {time.perf_counter() - t0:.1f} s")
         return manifest
+
+
+def _check_size(c, size: int | None) -> None:
+    from sdrt.export.onnx_specs import size_bounds
+
+    from sdrt.pipeline import MAX_SIZE
+
+    lo = size_bounds(c)["min_size"]
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size % 8
+                             or not lo <= size <= MAX_SIZE):
+        raise SdrtError(f"calibration size must be a multiple of 8 in [{lo}, {MAX_SIZE}] for {c.name}, got {size!r}")
 
 
 def calibrate_and_quantize(c, fp32_unet, out_unet, prompts, steps, size, seed, recipe, max_samples=32,

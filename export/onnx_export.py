@@ -87,6 +87,8 @@ def export_model(model, out_dir, precision: str = "fp32", opset: int = 18, compo
         t0, peak = time.perf_counter(), _reset_peak_rss()
         say(f"exporting {c.name} ({precision}, opset {opset}) to {out_dir}: {', '.join(todo)}"
             + (f" (kept: {', '.join(kept)})" if kept else ""))
+        if old is not None and old.get("model", {}).get("source_hash") != header["model"]["source_hash"]:
+            old = forget(out_dir, old, list(old["components"]))  # the tokenizers below are another model's
         _save_tokenizers(c, out_dir)
         for n in todo:
             def before_replace(name=n):

@@ -196,6 +196,13 @@ def check_request(onnx_dir: Path, manifest: dict, options: BuildOptions) -> list
     unknown = [n for n in names if n not in manifest["components"]]
     if unknown:
         raise SdrtError(f"no component {unknown[0]!r} in {onnx_dir}; it has {', '.join(available)}")
+    # Without --components, what a generation needs (the VAE encoder is img2img's): an export that was stopped
+    # lists only the components it had not begun to replace, and engines for those alone would fail later.
+    needed = ["text_encoder", "text_encoder_2"][: 2 if manifest["model"].get("family") == "sdxl" else 1]
+    missing = [n for n in needed + ["unet", "vae_decoder"] if n not in manifest["components"]]
+    if options.components is None and missing:
+        raise SdrtError(f"{onnx_dir} has no {', '.join(missing)} (an export that did not finish?): re-run `sdrt "
+                        "export`, or build what it has with --components")
     if not options.lock_timeout_s >= 0:  # also NaN
         raise SdrtError(f"--lock-timeout must be a number of seconds >= 0, got {options.lock_timeout_s}")
     return names

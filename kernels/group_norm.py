@@ -97,8 +97,8 @@ _MAX_PARTIALS_PER_APPLY = 32
 # fp32 values over 16 warps are 32 a thread (the split kernels' default tile is 4096 over 4 warps: the same).
 # In SD that is the UNet's 8^2 and 16^2 levels (e.g. 2 x 1280 x 16^2: 64 programs of 256 x 64 lanes).
 _ONE_PASS_MAX = 16384
-# Offsets inside one sample are int32 in the kernels (only each program's (n, c0) base is int64), so a sample of
-# more elements takes PyTorch's GroupNorm instead: SD's largest, the VAE decoder's 256 x H x W at full resolution,
+# Offsets inside one sample are int32 in the kernels (only each program's (n, c0) base is int64), so a sample that
+# spans more elements takes PyTorch's GroupNorm instead: SD's largest, the VAE decoder's 256 x H x W at full resolution,
 # gets there past ~2900^2 pixels (2^30 at 2048^2).
 _MAX_SAMPLE_NUMEL = 2**31 - 1
 
@@ -479,8 +479,9 @@ def group_norm(
     memory format.
     """
     _check_inputs(x, num_groups, weight, bias, add, tuning)
-    C, H, W = x.shape[1:]
-    if C * H * W > _MAX_SAMPLE_NUMEL:
+    # the largest offset inside a sample, + 1: C * H * W when dense, more for a channel slice of a wider tensor
+    span = 1 + sum((n - 1) * st for n, st in zip(x.shape[1:], x.stride()[1:]))
+    if span > _MAX_SAMPLE_NUMEL:
         return _group_norm_torch(x, num_groups, weight, bias, eps, silu, add)
     weight = weight.contiguous() if weight is not None else None  # the kernels read (C,) at unit stride
     bias = bias.contiguous() if bias is not None else None

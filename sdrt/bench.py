@@ -97,6 +97,16 @@ def check_outputs(args) -> None:
     import tempfile
     from pathlib import Path
 
+    if args.plot:  # first: a refused run makes no folders
+        try:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+        except ImportError:  # bench_report.plot says so when it gets there, as it always has
+            FigureCanvasAgg = None
+        suffix = Path(args.plot).suffix[1:].lower()
+        formats = FigureCanvasAgg.get_supported_filetypes() if FigureCanvasAgg else {}
+        if FigureCanvasAgg and suffix and suffix not in formats:  # no suffix: matplotlib writes PNG
+            raise SdrtError(f"--plot {args.plot}: not an image format matplotlib writes (choose from "
+                            f"{', '.join(sorted(formats))})")
     for flag, path in (("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)):
         if not path:
             continue
@@ -112,15 +122,6 @@ def check_outputs(args) -> None:
                 pass
         except OSError as e:
             raise SdrtError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
-    if args.plot:
-        try:
-            from matplotlib.backends.backend_agg import FigureCanvasAgg
-        except ImportError:
-            return  # bench_report.plot says so when it gets there, as it always has
-        formats = FigureCanvasAgg.get_supported_filetypes()
-        if Path(args.plot).suffix[1:].lower() not in formats:
-            raise SdrtError(f"--plot {args.plot}: not an image format matplotlib writes (choose from "
-                            f"{', '.join(sorted(formats))})")
 
 
 def run(args) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -82,8 +82,10 @@ def load_image(path):
 
     try:
         with Image.open(Path(path).expanduser()) as im:
-            if im.mode.startswith("I;16") or im.mode == "I":  # 16-bit grey: convert("RGB") would clip at 255
-                im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+            if im.mode.startswith("I;16") or im.mode == "I":  # 16/32-bit grey: convert("RGB") would clip at 255
+                a = np.asarray(im, dtype=np.float64)
+                scale = 257 if im.mode.startswith("I;16") or a.max() > 255 else 1  # "I" holding 8-bit levels: as is
+                im = Image.fromarray((a / scale).round().clip(0, 255).astype(np.uint8))
             return im.convert("RGB")
     except FileNotFoundError:
         raise SdrtError(f"init image {path}: no such file") from None
@@ -95,17 +97,21 @@ def output_paths(out, n: int) -> list[Path]:
     """OUT.png for the first image, OUT-1.png, OUT-2.png, ... for the others."""
     if not str(out):
         raise SdrtError("the output path is empty")
-    out = Path(out)
+    out = Path(out).expanduser()
     if out.suffix.lower() != ".png":
         raise SdrtError(f"output {out}: sdrt writes PNG files, name it *.png")
     if out.is_dir():
         raise SdrtError(f"output {out} is a directory")
-    # Checked before the generation, not after it: the nearest existing ancestor must be a writable directory.
-    up = out.expanduser().absolute().parent
+    # Checked before the generation, not after it: the nearest existing ancestor (save_png makes the rest) must be
+    # a directory a file can be made in; a real file, since os.access says yes to root everywhere, /proc included.
+    up = out.absolute().parent
     while not up.exists():
         up = up.parent
     if not up.is_dir():
         raise SdrtError(f"output {out}: {up} is not a directory")
-    if not os.access(up, os.W_OK):
-        raise SdrtError(f"output {out}: {up} is not writable")
+    try:
+        with tempfile.TemporaryFile(dir=up):
+            pass
+    except OSError as e:
+        raise SdrtError(f"output {out}: cannot write in {up} ({e.strerror or e})") from None
     return [out] + [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(1, n)]

@@ -117,10 +117,12 @@ class Pipeline:
         lo, hi = getattr(self.backend, "min_size", MIN_SIZE), getattr(self.backend, "max_size", MAX_SIZE)
         if r.init_image is not None:  # diffusers' VaeImageProcessor: the image's size, rounded down to a multiple
             w, h = r.init_image.size
-            r = replace(r, height=r.height or max(h // m * m, m), width=r.width or max(w // m * m, m))
-            if not (lo <= r.height <= hi and lo <= r.width <= hi):
-                raise SdrtError(f"the init image is {w}x{h} pixels, {r.width}x{r.height} at a multiple of {m}: "
-                                f"outside [{lo}, {hi}] per side; give a height and width to resize it to")
+            taken = {"height": max(h // m * m, m), "width": max(w // m * m, m)}
+            taken = {k: v for k, v in taken.items() if getattr(r, k) is None}  # the sides it decides
+            if any(not lo <= v <= hi for v in taken.values()):
+                raise SdrtError(f"the init image is {w}x{h} pixels, outside [{lo}, {hi}] per side (at a multiple "
+                                f"of {m}): give a height and width to resize it to")
+            r = replace(r, **taken)
         r = replace(r, height=r.height or self.info.default_size, width=r.width or self.info.default_size)
         check_request(r, m, lo, hi)
         return r

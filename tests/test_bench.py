@@ -49,9 +49,10 @@ def check_row(row: dict, runs: int) -> None:
     assert row["peak_mem_mb"] is not None and row["cold_start_s"]["warmup"] > 0
 
 
-def test_bench_tiny(tmp_path, cache):
-    from sdrt.backends.tensorrt import tensorrt_available
-
+def test_bench_tiny(tmp_path, cache, monkeypatch):
+    # A known row that cannot run: TensorRT absent (as it is everywhere here; also where it is installed).
+    why = "TensorRT is not installed (as this test pretends)"
+    monkeypatch.setattr("sdrt.backends.tensorrt.tensorrt_available", lambda: (False, why))
     out = {k: tmp_path / f"report.{k}" for k in ("json", "md", "png")}
     args = parse(["tiny", "--backends", "eager,onnxruntime,tensorrt:fp16", "--runs", "2", "--steps", "2",
                   "--json", str(out["json"]), "--markdown", str(out["md"]), "--plot", str(out["png"])])
@@ -59,7 +60,7 @@ def test_bench_tiny(tmp_path, cache):
     report = json.loads(out["json"].read_text())
     rows = {r["backend"]: r for r in report["results"]}
     assert list(rows) == ["eager", "onnxruntime", "tensorrt:fp16"]
-    assert rows["tensorrt:fp16"]["skipped"] == tensorrt_available()[1]  # a known row that cannot run here: its reason
+    assert rows["tensorrt:fp16"]["skipped"] == why  # a known row that cannot run here: its reason
     for name in ("eager", "onnxruntime"):
         check_row(rows[name], runs=2)
     # The reference row has no drift to report (null, not inf: JSON has no infinity); its speedups are 1 by
@@ -186,9 +187,14 @@ def test_bad_output_paths_fail_before_anything_runs(tmp_path, monkeypatch, flag,
 
 
 def test_output_folders_are_made_up_front(tmp_path):
+    pytest.importorskip("matplotlib")
     bench.check_outputs(parse(["tiny", "--json", str(tmp_path / "new" / "r.json"), "--plot",
                                str(tmp_path / "new" / "r.SVG")]))
     assert (tmp_path / "new").is_dir() and not (tmp_path / "new" / "r.json").exists()
+    bench.check_outputs(parse(["tiny", "--plot", str(tmp_path / "r")]))  # no suffix: matplotlib writes r.png
+    with pytest.raises(SdrtError, match="not an image format"):  # refused before any folder is made
+        bench.check_outputs(parse(["tiny", "--json", str(tmp_path / "other" / "r.json"), "--plot", "r.txt"]))
+    assert not (tmp_path / "other").exists()
 
 
 def test_command_line_reproduces_the_config():

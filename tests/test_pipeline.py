@@ -2,10 +2,10 @@
 
 Tier 3 of the correctness ladder: whole images. Eager runs the very same modules, so the only differences are
 float reassociation (one text-encoder batch for both CFG halves, the scheduler's coefficient tables): measured
-123-138 dB. ONNX Runtime runs exported graphs whose per-graph error is ~1e-6 (the exporter's check), compounded over
-the steps: measured 128-132 dB. The bar is 100 dB for both: plausible bugs land far below it (measured on tiny and
-tiny-sdxl: the UNet fed timestep + 1, 51-58 dB; guidance x 0.95, 56-61; the VAE scale 1% off, 65-68; SDXL's
-time ids with height and width swapped, 46; text embeddings x 0.99, 71-73).
+123-138 dB (119 with torch's AVX2 kernels). ONNX Runtime runs exported graphs whose per-graph error is ~1e-6 (the
+exporter's check), compounded over the steps: measured 128-132 dB. The bar is 100 dB for both: plausible bugs
+land far below it (measured on tiny and tiny-sdxl: the UNet fed timestep + 1, 51-58 dB; guidance x 0.95, 56-61;
+the VAE scale 1% off, 65-68; SDXL's time ids with height and width swapped, 46; text embeddings x 0.99, 71-73).
 """
 
 import numpy as np

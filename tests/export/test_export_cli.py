@@ -28,9 +28,10 @@ def sdrt_main(argv):
     (["tiny", "--components", "text_encoder_2"], "model tiny has no text_encoder_2"),
     (["tiny", "--precision", "int4"], "precision 'int4'"),
     (["tiny", "--opset", "9"], "opset 9"),
-    (["tiny", "--precision", "int8", "--calibration-size", "0"], "--calibration-size must be a multiple of 8"),
-    (["tiny", "--precision", "int8", "--calibration-size", "100"], "--calibration-size must be a multiple of 8"),
-    (["tiny", "--precision", "int8", "--calibration-steps", "0"], "--calibration-steps must be >= 1"),
+    (["tiny", "--precision", "int8", "--calibration-size", "0"], "calibration size must be a multiple of 8"),
+    (["tiny", "--precision", "int8", "--calibration-size", "16"], "for tiny, got 16"),  # tiny's export starts at 32
+    (["tiny", "--precision", "int8", "--calibration-size", "100"], "calibration size must be a multiple of 8"),
+    (["tiny", "--precision", "int8", "--calibration-steps", "0"], "calibration steps must be an integer >= 1"),
 ])
 def test_bad_input_is_one_line_exit_1(tmp_path, capsys, argv, message):
     argv = ["export", *argv, "-o", str(tmp_path / "o")]

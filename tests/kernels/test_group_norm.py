@@ -261,6 +261,11 @@ def test_group_norm_samples_past_int32_offsets_take_torch(monkeypatch, memory_fo
     monkeypatch.setattr(gn, "_MAX_SAMPLE_NUMEL", 64 * 4 * 5)  # at the limit: the kernels
     with pytest.raises(AssertionError, match="a kernel was launched"):
         group_norm(x, 32, w, b)
+    # what counts is the span of a sample's offsets: a channels-last channel slice of a 128-channel tensor spans
+    # about twice its own elements
+    wide = torch.randn(2, 128, 4, 5, device=DEVICE).contiguous(memory_format=torch.channels_last)[:, :64]
+    y = group_norm(wide, 32, w, b)
+    torch.testing.assert_close(y, group_norm_ref(wide, 32, w, b), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("memory_format", FORMATS)

@@ -231,8 +231,10 @@ def _no_tensorrt(options):
     (None, ["--components", "foo"], "no component 'foo'"),
     (None, ["-o", "{tmp}/file/engines"], "cannot create the engine directory"),
     (None, ["--lock-timeout", "-5"], "--lock-timeout must be a number of seconds >= 0"),
+    (lambda m: {**m, "components": {k: v for k, v in m["components"].items() if k != "unet"}}, [],
+     r"has no unet \(an export that did not finish\?\).*--components"),  # what an interrupted export leaves
 ], ids=["manifest a list", "model a number", "entry a number", "truncated graph", "unknown component",
-        "engine dir under a file", "negative lock timeout"])
+        "engine dir under a file", "negative lock timeout", "no unet"])
 def test_the_users_mistakes_come_before_tensorrt(tmp_path, onnx_dir, edit, argv, message):
     # each was an internal error (AttributeError, TypeError, FileNotFoundError) or hid behind "TensorRT is not
     # installed" on a machine without it
