@@ -86,9 +86,13 @@ class _Slot:
         else:
             self.context.device_memory = scratch.data_ptr()
         stream = torch.cuda.current_stream(owner.device).cuda_stream
-        self.context.set_optimization_profile_async(profile, stream)  # shared profile: TensorRT >= 8.6
+        # Both return False rather than raise (TensorRT logs why): chosen to fit, a refusal here is a mismatch
+        # between engines.json and the engine, which must not run on the previous call's shapes.
+        if not self.context.set_optimization_profile_async(profile, stream):  # shared profile: TensorRT >= 8.6
+            raise SdrtError(f"{owner.name}: TensorRT refused optimization profile {profile}")
         for name, shape in shapes.items():
-            self.context.set_input_shape(name, shape)
+            if not self.context.set_input_shape(name, shape):
+                raise SdrtError(f"{owner.name}: TensorRT refused {name} {shape} on profile {profile}")
         self.buffers = {}
         # Normal tensors even when a shape's first call runs under torch.inference_mode(): inference tensors would
         # refuse the in-place copy_ of every later call made outside it

@@ -323,6 +323,15 @@ def test_inputs_that_do_not_fit_together_are_refused_by_name(engines):
         be.unet(f["sample"], torch.full((2,), 500.0), f["encoder_hidden_states"])
 
 
+def test_a_shape_the_engine_refuses_is_an_error_not_a_run(engines, monkeypatch):
+    # Profiles are chosen from engines.json; an engine that disagrees (False from set_input_shape) must not run on
+    # whatever shapes the context had.
+    be = backend(engines()[0])
+    monkeypatch.setattr(FakeContext, "set_input_shape", lambda self, name, shape: False)
+    with pytest.raises(SdrtError, match=r"unet: TensorRT refused sample \(2, 4, 8, 8\) on profile 0"):
+        be.unet(**unet_feeds(batch=2))
+
+
 def test_sdxl_verbs_take_the_pooled_embeddings_and_time_ids(engines):
     be = backend(engines(family="sdxl")[0])
     ids = torch.randint(0, 900, (2, 77))
