@@ -207,6 +207,20 @@ def test_captured_loop_matches_uncaptured(tiny, eager, scheduler, precision):
 
 
 @cuda
+def test_sd1_vae_runs_in_fp16_near_fp32(tiny):
+    # SD 1.x/2.x decode in fp16, as diffusers' pipelines do (only SDXL's VAE stays fp32): the recorded fp16 VAE
+    # against the fp32 one, relative to the image's range, at the exporter's fp16 bar.
+    fp16 = TorchBackend(copy.deepcopy(tiny), Precision.FP16, "cuda")
+    fp32 = TorchBackend(copy.deepcopy(tiny), Precision.FP32, "cuda", TorchOptions(cuda_graph=False))
+    assert next(fp16.vae.parameters()).dtype == torch.float16
+    g = torch.Generator().manual_seed(0)
+    z, image = torch.randn(1, 4, 8, 8, generator=g), torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
+    for got, want in ((fp16.vae_decoder(z), fp32.vae_decoder(z)), (fp16.vae_encoder(image), fp32.vae_encoder(image))):
+        assert got.dtype == torch.float16 and torch.isfinite(got).all()
+        assert float((got.float() - want).abs().max() / want.abs().max()) < 2e-2
+
+
+@cuda
 @pytest.mark.parametrize("precision", [Precision.FP32, Precision.FP16])
 def test_captured_stages_match_uncaptured(precision):
     # Both SDXL text encoders (CLIP-L and the projected one), the VAE decoder and encoder, the unet verb (with
