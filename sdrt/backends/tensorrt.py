@@ -177,17 +177,19 @@ def create(precision=None, components=None, onnx_dir=None, device=None) -> Tenso
     if onnx_dir is None:
         raise SdrtError("the tensorrt backend runs engines from `sdrt build ONNX_DIR`: pass the export directory "
                         "with --onnx-dir")
+    from sdrt.export.engine_cache import read_manifest
+
     d = Path(onnx_dir)
-    backend = TensorRTBackend(d if (d / "engines.json").is_file() else d / "tensorrt", device or "cuda")
-    want = getattr(precision, "value", precision)
-    if want is not None and want != backend.precision:
-        raise SdrtError(f"{backend.engine_dir} holds {backend.precision} engines, not {want}: pick "
-                        f"tensorrt:{backend.precision} or rebuild with `sdrt build --precision {want}`")
+    engine_dir = d if (d / "engines.json").is_file() else d / "tensorrt"
+    manifest = read_manifest(engine_dir)  # refusals from engines.json alone, before any engine is loaded
+    have, want = manifest.get("precision", "fp16"), getattr(precision, "value", precision)
+    if manifest["engines"] and want is not None and want != have:
+        raise SdrtError(f"{engine_dir} holds {have} engines, not {want}: pick tensorrt:{have} or rebuild with "
+                        f"`sdrt build --precision {want}`")
     source = getattr(components, "source_hash", None)
-    if source and backend.model.get("source_hash") not in (None, source):
-        raise SdrtError(f"{backend.engine_dir} was built from other weights than the model given; re-export and "
-                        "rebuild")
-    return backend
+    if manifest["engines"] and source and (manifest.get("model") or {}).get("source_hash") not in (None, source):
+        raise SdrtError(f"{engine_dir} was built from other weights than the model given; re-export and rebuild")
+    return TensorRTBackend(engine_dir, device or "cuda")
 
 
 class TensorRTBackend:
@@ -247,6 +249,13 @@ class TensorRTBackend:
         from sdrt.export.trt_profiles import bucket_for, parse_profile
 
         return bucket_for([parse_profile(p) for p in self.profiles], height, width, batch)
+
+    def check_size(self, height: int, width: int, images: int) -> None:
+        """The pipeline asks before any work: a request no profile serves is refused here, not at the UNet after
+        the text encoders ran. (An engines.json without its profiles, from a build that did not finish, has none
+        to ask: the engines themselves refuse then.)"""
+        if self.profiles:
+            self.bucket(height, width, images)
 
     def text_encoder(self, index: int, input_ids):
         return self._engine(component_name(index))({"input_ids": input_ids.to(self.device)})

@@ -347,6 +347,8 @@ def test_sdxl_verbs_take_the_pooled_embeddings_and_time_ids(engines):
 
 
 def test_a_pipeline_over_the_engines_matches_the_model_run_directly(tiny, engines):
+    from dataclasses import replace
+
     from sdrt.pipeline import GenerationRequest, Pipeline
 
     class Direct:  # the same model, no TensorRT backend in between
@@ -362,6 +364,10 @@ def test_a_pipeline_over_the_engines_matches_the_model_run_directly(tiny, engine
     assert torch.equal(got.latents, want.latents) and (got.pixels == want.pixels).all() and got.pixels.std() > 0
     assert [c for c, *_ in trt.enqueued] == ["text_encoder"] * 2 + ["unet"] * 2 + ["vae_decoder"] * 2
     assert trt.ran.count("unet") == 4  # PNDM's 3 steps take 4 UNet runs: one eager, three replays
+    trt.ran.clear()  # 4 images where the profile serves 1-2: refused before the text encoders run
+    with pytest.raises(SdrtError, match=r"64x64 at batch 4 is outside every engine profile \(64x64@1-2\)"):
+        Pipeline.from_components(tiny, backend(engine_dir)).generate(replace(r, batch=2))
+    assert trt.ran == []
 
 
 def test_loading_refuses_what_it_cannot_run(engines, monkeypatch):
