@@ -79,6 +79,12 @@ def entry_problem(out_dir: Path, entry: dict, verify_hashes: bool = True) -> str
     return None
 
 
+def model_components(model: dict) -> list[str]:
+    """Every graph an export of the manifest's model has: the text encoder(s), unet, vae_decoder, vae_encoder."""
+    n_text = 2 if model.get("family") == "sdxl" else 1
+    return ["text_encoder", "text_encoder_2"][:n_text] + ["unet", "vae_decoder", "vae_encoder"]
+
+
 def load_manifest(out_dir, require=None, verify_hashes: bool = True) -> dict:
     """Read and validate DIR/manifest.json. `require`: component names that must be present (default: all of the
     model's, i.e. the text encoder(s), unet, vae_decoder and vae_encoder). `verify_hashes=False` checks file sizes
@@ -97,8 +103,7 @@ def load_manifest(out_dir, require=None, verify_hashes: bool = True) -> dict:
     if not well_formed(m):
         raise SdrtError(f"{path}: not a format-{FORMAT} sdrt manifest (re-run `sdrt export`)")
     if require is None:
-        n_text = 2 if m.get("model", {}).get("family") == "sdxl" else 1
-        require = ["text_encoder", "text_encoder_2"][:n_text] + ["unet", "vae_decoder", "vae_encoder"]
+        require = model_components(m.get("model", {}))
     missing = [c for c in require if c not in m["components"]]
     if missing:
         raise SdrtError(f"{path}: partial export, missing {', '.join(missing)} (run `sdrt export` with those "

@@ -40,7 +40,7 @@ from sdrt.export.engine_cache import (
     trusted_engine,
     write_manifest,
 )
-from sdrt.export.onnx_manifest import entry_problem
+from sdrt.export.onnx_manifest import entry_problem, model_components
 from sdrt.export.trt_profiles import ComponentProfile, ProfileSpec, component_profiles, parse_profiles
 
 from sdrt import __version__
@@ -198,8 +198,8 @@ def check_request(onnx_dir: Path, manifest: dict, options: BuildOptions) -> list
         raise SdrtError(f"no component {unknown[0]!r} in {onnx_dir}; it has {', '.join(available)}")
     # Without --components, what a generation needs (the VAE encoder is img2img's): an export that was stopped
     # lists only the components it had not begun to replace, and engines for those alone would fail later.
-    needed = ["text_encoder", "text_encoder_2"][: 2 if manifest["model"].get("family") == "sdxl" else 1]
-    missing = [n for n in needed + ["unet", "vae_decoder"] if n not in manifest["components"]]
+    needed = [n for n in model_components(manifest["model"]) if n != "vae_encoder"]
+    missing = [n for n in needed if n not in manifest["components"]]
     if options.components is None and missing:
         raise SdrtError(f"{onnx_dir} has no {', '.join(missing)} (an export that did not finish?): re-run `sdrt "
                         "export`, or build what it has with --components")

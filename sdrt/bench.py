@@ -97,14 +97,15 @@ def check_outputs(args) -> None:
     import tempfile
     from pathlib import Path
 
-    if args.plot:  # first: a refused run makes no folders
+    suffix = Path(args.plot).suffix[1:].lower() if args.plot else ""  # none: matplotlib writes PNG
+    if suffix:  # first: a refused run makes no folders
         try:
             from matplotlib.backends.backend_agg import FigureCanvasAgg
         except ImportError:  # bench_report.plot says so when it gets there, as it always has
-            FigureCanvasAgg = None
-        suffix = Path(args.plot).suffix[1:].lower()
-        formats = FigureCanvasAgg.get_supported_filetypes() if FigureCanvasAgg else {}
-        if FigureCanvasAgg and suffix and suffix not in formats:  # no suffix: matplotlib writes PNG
+            formats = None
+        else:
+            formats = FigureCanvasAgg.get_supported_filetypes()
+        if formats is not None and suffix not in formats:
             raise SdrtError(f"--plot {args.plot}: not an image format matplotlib writes (choose from "
                             f"{', '.join(sorted(formats))})")
     for flag, path in (("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)):

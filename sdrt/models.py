@@ -101,9 +101,10 @@ def source_hash(model: str, seed: int = 0) -> str:
 
 
 def check_seed(seed: int) -> None:
-    # torch.manual_seed takes [-2^63, 2^64) and folds negatives; the pipeline's noise seeds are [0, 2^63): the same.
-    if not 0 <= seed < 2**63:
-        raise SdrtError(f"seed must be an integer in [0, 2^63), got {seed}")
+    """Weight seeds and the pipeline's noise seeds alike: torch.manual_seed takes [-2^63, 2^64) and folds the
+    negatives onto other seeds."""
+    if not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise SdrtError(f"seed must be an integer in [0, 2^63), got {seed!r}")
 
 
 def weight_files(folder: Path) -> list[Path]:

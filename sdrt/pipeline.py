@@ -24,6 +24,7 @@ import torch
 
 from sdrt import schedulers
 from sdrt.errors import SdrtError
+from sdrt.models import check_seed
 from sdrt.specs import Family
 
 MIN_SIZE, MAX_SIZE = 64, 4096  # pixels per side, unless the backend says otherwise (min_size, max_size)
@@ -272,14 +273,12 @@ def check_request(r: GenerationRequest, size_multiple: int = 8, min_size: int = 
     if not r.prompts or not all(isinstance(p, str) for p in r.prompts):
         raise SdrtError("prompt must be a string or a non-empty list of strings")
     neg = r.negative_prompt
-    if neg is not None and not (isinstance(neg, str) or isinstance(neg, (list, tuple)) and
-                                all(isinstance(n, str) for n in neg)):
+    negs = [] if neg is None else [neg] if isinstance(neg, str) else neg
+    if not isinstance(negs, (list, tuple)) or not all(isinstance(n, str) for n in negs):
         raise SdrtError("negative prompt must be a string or a list of strings")
-    if neg is not None and not isinstance(neg, str) and len(neg) != len(r.prompts):
-        raise SdrtError(f"{len(neg)} negative prompts for {len(r.prompts)} prompts: give one, or one per prompt")
-    texts = [("prompt", t) for t in r.prompts] + [("negative prompt", t) for t in
-                                                   ([neg] if isinstance(neg, str) else neg or [])]
-    for what, text in texts:
+    if neg is not None and not isinstance(neg, str) and len(negs) != len(r.prompts):
+        raise SdrtError(f"{len(negs)} negative prompts for {len(r.prompts)} prompts: give one, or one per prompt")
+    for what, text in [("prompt", t) for t in r.prompts] + [("negative prompt", t) for t in negs]:
         try:  # bytes a terminal could not decode arrive as lone surrogates, which no tokenizer takes
             text.encode("utf-8")
         except UnicodeEncodeError:
@@ -292,8 +291,7 @@ def check_request(r: GenerationRequest, size_multiple: int = 8, min_size: int = 
         raise SdrtError(f"unknown scheduler {r.scheduler!r}; choose one of: {', '.join(schedulers.SCHEDULERS)}")
     if not isinstance(r.batch, int) or not 1 <= r.batch <= MAX_BATCH:
         raise SdrtError(f"batch must be an integer in [1, {MAX_BATCH}], got {r.batch!r}")
-    if not isinstance(r.seed, int) or not 0 <= r.seed < 2**63:
-        raise SdrtError(f"seed must be an integer in [0, 2^63), got {r.seed!r}")
+    check_seed(r.seed)
     if r.init_image is not None and not 0.0 < float(r.strength) <= 1.0:
         raise SdrtError(f"strength must be in (0, 1], got {r.strength}")
     for side in ("height", "width"):
