@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 HELP = "build TensorRT engines from an `sdrt export` directory (cached: rebuilt or refit only when something changed)"
@@ -49,6 +50,15 @@ def add_arguments(p) -> None:
     p.add_argument("--verbose", action="store_true", help="TensorRT's verbose log")
 
 
+def _missing_dirs(path: Path) -> list[Path]:
+    """path and those of its parents that do not exist yet, deepest first: what mkdir(parents=True) would make."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
 def run(args, make_builder=None) -> int:
     """`make_builder(options)` returns the builder (tests pass a fake; default: TensorRT, required here)."""
     from sdrt.export.trt_build import (
@@ -73,8 +83,15 @@ def run(args, make_builder=None) -> int:
         components=tuple(c.strip() for c in args.components.split(",")) if args.components else None)
     engine_dir = Path(args.engine_dir) if args.engine_dir else onnx_dir / "tensorrt"
     check_request(onnx_dir, manifest, options)  # the user's own mistakes before "TensorRT is not installed"
+    made = _missing_dirs(engine_dir)
     make_engine_dir(engine_dir)
-    builder = (make_builder or (lambda o: TensorRTBuilder(verbose=o.verbose)))(options)
+    try:
+        builder = (make_builder or (lambda o: TensorRTBuilder(verbose=o.verbose)))(options)
+    except BaseException:  # no TensorRT, no GPU: leave no empty engine directory behind
+        for d in made:
+            with contextlib.suppress(OSError):  # not empty any more: someone else's now
+                d.rmdir()
+        raise
     print(f"building {args.precision} engines for {manifest['model'].get('name', onnx_dir.name)} into {engine_dir} "
           f"(TensorRT {builder.trt_version}, {builder.device_name}, compute capability {builder.compute_capability}; "
           f"profiles {', '.join(str(s) for s in options.profiles)})", flush=True)

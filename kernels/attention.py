@@ -50,7 +50,9 @@ import triton.language as tl
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
 
-# Configs tried by the autotuner on CUDA, keyed on (Nk, d, the column split) (Triton adds the dtypes to the key).
+# Configs tried by the autotuner on CUDA, keyed on (Nq, Nk, d, the column split) (Triton adds the dtypes to the key):
+# Nq too, because cross-attention's Nk is 77 or 154 at every level while Nq runs from 64 to 16384, and the grid (Nq /
+# BLOCK_M programs per head) that suits a 64^2 latent leaves an 8^2 one with half-empty 128-row blocks.
 # BLOCK_M query rows and the (BLOCK_M, d-tiles) fp32 accumulator live in registers for the whole program; K/V blocks
 # of BLOCK_N rows are streamed through shared memory in num_stages-deep pipelines. Compiled for sm_90 (fp16, unit
 # d-stride; checked without a GPU through triton.compile and cuobjdump): all use wgmma. One padded tile: no spills
@@ -218,7 +220,7 @@ def _bench_graphed(kernel_call, quantiles):
 # left out: it then times plain launches, or tunes again in every process.
 _AUTOTUNE_OPTIONS = {name: value for name, value in (("do_bench", _bench_graphed), ("cache_results", True))
                      if name in inspect.signature(triton.autotune).parameters}
-_attention_autotuned = triton.autotune(configs=_CONFIGS, key=["N_K", "HEAD_D", "BLOCK_D1"], **_AUTOTUNE_OPTIONS)(
+_attention_autotuned = triton.autotune(configs=_CONFIGS, key=["N_Q", "N_K", "HEAD_D", "BLOCK_D1"], **_AUTOTUNE_OPTIONS)(
     _attention_heuristic)
 
 

@@ -104,7 +104,9 @@ class _Slot:
                     raise SdrtError(f"{owner.name}: TensorRT cannot resolve {name}'s shape from the inputs {shapes}")
                 self.buffers[name] = torch.empty(shape, dtype=_torch_dtype(trt, engine.get_tensor_dtype(name)),
                                                  device=owner.device)
-                self.context.set_tensor_address(name, self.buffers[name].data_ptr())
+                if not self.context.set_tensor_address(name, self.buffers[name].data_ptr()):  # a name the engine
+                    # lacks, or an address TensorRT cannot use: it would run on whatever was bound before
+                    raise SdrtError(f"{owner.name}: TensorRT refused the address of {name}")
 
     def _enqueue(self) -> None:
         import torch

@@ -65,6 +65,19 @@ def test_without_tensorrt_one_line_says_how_to_install(onnx_dir, capsys):
     assert err.count("\n") == 1 and err.startswith("sdrt build: error: TensorRT is not installed: `pip install "
                                                    "tensorrt`")
     assert "nvcr.io/nvidia/tensorrt" in err
+    assert not (onnx_dir / "tensorrt").exists()  # no empty engine directory left to look like a build
+
+
+def test_a_builder_that_cannot_start_leaves_no_directories(tmp_path, onnx_dir):
+    def no_builder(options):
+        raise SdrtError("TensorRT is not installed")
+
+    out = tmp_path / "out"
+    (out / "kept").mkdir(parents=True)
+    for engines in (out / "new" / "deeper" / "engines", out / "kept" / "engines"):
+        with pytest.raises(SdrtError, match="not installed"):
+            build_cli.run(parse([str(onnx_dir), "-o", str(engines)]), make_builder=no_builder)
+    assert [p.name for p in out.iterdir()] == ["kept"] and not any((out / "kept").iterdir())
 
 
 def test_missing_dir_through_the_entry_point(tmp_path, capsys):

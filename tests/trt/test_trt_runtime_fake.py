@@ -332,6 +332,13 @@ def test_a_shape_the_engine_refuses_is_an_error_not_a_run(engines, monkeypatch):
         be.unet(**unet_feeds(batch=2))
 
 
+def test_an_address_the_engine_refuses_is_an_error_not_a_run(engines, monkeypatch):
+    be = backend(engines()[0])
+    monkeypatch.setattr(FakeContext, "set_tensor_address", lambda self, name, ptr: name != "noise_pred")
+    with pytest.raises(SdrtError, match="unet: TensorRT refused the address of noise_pred"):
+        be.unet(**unet_feeds(batch=2))
+
+
 def test_sdxl_verbs_take_the_pooled_embeddings_and_time_ids(engines):
     be = backend(engines(family="sdxl")[0])
     ids = torch.randint(0, 900, (2, 77))
