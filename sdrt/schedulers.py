@@ -33,7 +33,8 @@ Per-step noise z_i (the caller draws it, in the order diffusers does, to reprodu
 Where diffusers' loop is state-dependent we reproduce it: PNDM restarts its counter when img2img starts mid-schedule
 (its corrector then steps from t + T/n), DPM-Solver starts first-order. Two departures, both where diffusers breaks:
 repeated Karras timesteps run in order (as with set_begin_index(0), which the SDXL pipeline calls; SD1.5's pipeline
-skips a step and overruns), and DPM's 0/0 step (Karras + final_sigmas_type sigma_min, >= 15 steps) is a null step.
+skips a step and overruns), and DPM's 0/0 steps are a null step where a sigma repeats (Karras + final_sigmas_type
+sigma_min; leading or linspace spacing at ~1000 steps) and first order on the step after one.
 """
 
 import math
@@ -289,6 +290,9 @@ def _spaced(cfg: dict, n: int, round_linspace: bool = True) -> np.ndarray:
 def _pred(prediction_type: str, sa: float, sb: float):
     """x0 and eps as (weight of x, weight of m) for a VP latent x = sa x0 + sb eps."""
     if prediction_type == "epsilon":
+        if sa == 0.0:  # zero-SNR betas at t = T - 1: x = eps says nothing of x0 (diffusers: NaN)
+            raise SdrtError("an epsilon-prediction model cannot step from the zero-SNR timestep T - 1 that this "
+                            "schedule reaches (rescale_betas_zero_snr): zero-SNR betas need a v_prediction model")
         return (1 / sa, -sb / sa), (0.0, 1.0)
     if prediction_type == "v_prediction":  # v = sa eps - sb x0
         return (sa, -sb), (sb, sa)
@@ -302,10 +306,20 @@ def _x0_row(x0_of, c_x0: float, sample: float, model: float, clip, **kw) -> _Row
     return _Row(sample=(sample + c_x0 * x0_of[0],), model=(model + c_x0 * x0_of[1],), **kw)
 
 
+def _in_range(ts: np.ndarray, cfg: dict, n: int) -> np.ndarray:
+    """ts, or an error where leading spacing's steps_offset pushes the first timestep past T - 1 (diffusers:
+    IndexError): DDIM and PNDM index alphas_cumprod with it."""
+    if ts.max() >= cfg["num_train_timesteps"]:
+        raise SdrtError(f"{n} steps with timestep_spacing {cfg['timestep_spacing']} and steps_offset "
+                        f"{cfg['steps_offset']} start at timestep {int(ts.max())}, past the model's "
+                        f"{cfg['num_train_timesteps']} training timesteps: use fewer steps")
+    return ts
+
+
 def _ddim(name, cfg, n, start):
     ac = _alphas_cumprod(cfg).tolist()
     final = 1.0 if cfg["set_alpha_to_one"] else ac[0]
-    ts = _spaced(cfg, n).astype(np.int64)
+    ts = _in_range(_spaced(cfg, n), cfg, n).astype(np.int64)
     clip = cfg["clip_sample_range"] if cfg["clip_sample"] else None
     rows = []
     for t in ts[start:].tolist():
@@ -323,7 +337,7 @@ def _ddim(name, cfg, n, start):
 def _pndm(name, cfg, n, start):
     ac = _alphas_cumprod(cfg).tolist()
     final = 1.0 if cfg["set_alpha_to_one"] else ac[0]
-    asc = _spaced(cfg, n)[::-1]
+    asc = _in_range(_spaced(cfg, n), cfg, n)[::-1]
     # PLMS timesteps: the second one is repeated (a warm-up predictor-corrector pair), so S = n + 1 for n > 1.
     ts = np.concatenate([asc[:-1], asc[-2:-1], asc[-1:]])[::-1].astype(np.int64)[start:]
     ratio = cfg["num_train_timesteps"] // n
@@ -443,6 +457,10 @@ def _dpmpp_2m(name, cfg, n, start):
             rows.append(_Row(sample=(1.0,), model=(0.0,), noise_in=noise_in))
             continue
         r0 = math.log(sig[j - 1] / sig[j]) / h
+        if r0 == 0.0:  # the step before was a null one (a sigma repeated: 999 leading steps): no history to
+            # extrapolate from, so first order, as at the start (diffusers divides by r0 = 0: NaN)
+            rows.append(_Row(sample=(s_t / s_s + big_a * x0[0],), model=(big_a * x0[1],), noise_in=noise_in))
+            continue
         if cfg["solver_type"] == "midpoint":
             d1 = 0.5 * big_a  # x_t = ... + 0.5 * big_a * D1
         else:  # heun

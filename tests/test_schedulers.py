@@ -257,9 +257,45 @@ def test_ancestral_needs_noise():
         ("ddim", {"clip_sample": 1}, 20, 1.0, "clip_sample=1 is not a bool"),
         ("euler", {"beta_end": float("nan")}, 20, 1.0, "beta_end=nan is not a float"),
         ("ddim", {"num_train_timesteps": 0}, 1, 1.0, "num_train_timesteps=0 is not >= 1"),
+        # where diffusers returns NaN or raises IndexError (these were ZeroDivisionError and IndexError here)
+        ("ddim", dict(_SD, rescale_betas_zero_snr=True, timestep_spacing="trailing"), 20, 1.0,
+         "zero-SNR betas need a v_prediction model"),
+        ("lcm", {"rescale_betas_zero_snr": True}, 4, 1.0, "zero-SNR betas need a v_prediction model"),
+        ("ddim", dict(_SD, timestep_spacing="leading"), 1000, 1.0, "start at timestep 1000, past the model's 1000"),
+        ("pndm", dict(_SD, timestep_spacing="leading"), 1000, 1.0, "start at timestep 1000, past the model's 1000"),
     ],
 )
 def test_errors_are_one_clear_line(name, cfg, steps, strength, message):
     with pytest.raises(SdrtError, match=message) as err:
         make_schedule(name, cfg, steps, strength=strength)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("spacing, n", [("linspace", 1000), ("leading", 999)])
+def test_dpm_after_a_repeated_sigma_steps_first_order(spacing, n):
+    # A repeated sigma (linspace rounds two of its 1001 points to one timestep; leading + steps_offset 1 starts at
+    # t = 1000, clamped to t = 999's sigma) makes a null step, then a second-order step divides by r0 = 0 in
+    # diffusers (NaN from there on). We step first order there, and match diffusers on every step before.
+    cfg = dict(_SD, timestep_spacing=spacing)
+    _, ref_t, ref = run_diffusers("dpmpp-2m", cfg, n, 1.0)
+    sched = make_schedule("dpmpp-2m", cfg, n)
+    assert torch.equal(sched.timesteps, ref_t)
+    finite = [bool(torch.isfinite(r).all()) for r in ref]
+    first_nan = finite.index(False)
+    ours = run_ours(sched, 1.0)
+    assert all(torch.isfinite(o).all() for o in ours)
+    before = replace(sched, **{f: getattr(sched, f)[: first_nan - 1] for f in TABLES})  # the steps diffusers took
+    forced = run_ours(before, 1.0, forced=ref)
+    for i in range(1, first_nan):
+        assert rel_err(forced[i], ref[i], torch.stack([ref[i - 1], ref[i]])) <= 1e-5, f"step {i - 1}"
+    # The step diffusers could not take, first order (DPM-Solver++ 1, i.e. DDIM) from sigma s to t (VE sigmas; the
+    # latent is VP: x = alpha x0 + s alpha eps, alpha = 1 / sqrt(s^2 + 1)): x_t = (t alpha_t) / (s alpha_s) x +
+    # alpha_t (1 - t / s) x0.
+    j = first_nan - 1
+    (s_, alpha_s), (t_, alpha_t) = [(float(sched.noise_in[k, 1] / sched.noise_in[k, 0]), float(sched.noise_in[k, 0]))
+                                    for k in (j, j + 1)]
+    a, b, _, _ = tensors()
+    x = ours[j]
+    x0 = (x - s_ * alpha_s * fake_unet(x, sched.timesteps[j], a, b)) / alpha_s  # epsilon prediction
+    expected = (t_ * alpha_t) / (s_ * alpha_s) * x + alpha_t * (1 - t_ / s_) * x0
+    assert torch.allclose(ours[j + 1], expected, rtol=1e-5, atol=1e-5)
