@@ -8,7 +8,12 @@ never call `from_single_file`, which fetches configs from the hub), then loaded 
 
 What the weights cannot say comes from the preset: the scheduler config and so the prediction type. An SD 2.x
 512-px "base" model (epsilon) and sd-turbo have sd21's shapes and load as sd21 (v-prediction) unless `arch`
-(the CLI's --arch: sd21-base, sd-turbo) says otherwise.
+(the CLI's --arch: sd21-base, sd-turbo) says otherwise. Files that mark it themselves are read as marked: an empty
+`v_pred` tensor (v-prediction) and `ztsnr` (zero-terminal-SNR betas, trailing spacing), as ComfyUI saves them;
+EDM files (`edm_mean`, Playground v2.5) are refused.
+
+Every UNet and VAE tensor must find its place (a dropped key is a different model: unCLIP's label_emb, a merged
+LoRA's leftovers), and weights must be floating point (an int8-quantized file cast to fp32 is garbage).
 
 Tokenizer: a `tokenizer/` folder (and for SDXL `tokenizer_2/`) in transformers' format next to the file is used
 when present; otherwise sdrt's builtin one, whose ids are not CLIP's: fine for random-weight tests, wrong for a
@@ -17,6 +22,7 @@ real model's prompts, so put the released tokenizer beside a real checkpoint.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -46,6 +52,9 @@ def load_single_file(path: Path, arch: str | None = None) -> Components:
         raise SdrtError(f"{path}: no such file")
     sd = read_checkpoint(path)
     if not any(k.startswith(UNET_PREFIX) for k in sd):
+        if any(k.startswith("model_ema.") for k in sd):
+            raise SdrtError(f"{path}: holds only EMA weights (model_ema.*), which sdrt does not read; use a file "
+                            f"with {UNET_PREFIX}*")
         raise SdrtError(f"{path}: no UNet weights ({UNET_PREFIX}*) found; not an original-layout SD checkpoint")
     if arch is None:
         arch = detect_preset(path, sd)
@@ -54,9 +63,15 @@ def load_single_file(path: Path, arch: str | None = None) -> Components:
     spec = PRESETS[arch]
     if problems := unet_mismatch(spec, sd):
         raise SdrtError(f"{path}: does not match preset '{arch}': unet: {problems}")
-    for prefix in (VAE_PREFIX, *TEXT_PREFIXES[spec.family]):
+    prefixes = (VAE_PREFIX, *TEXT_PREFIXES[spec.family])
+    for prefix in prefixes:
         if not any(k.startswith(prefix) for k in sd):
             raise SdrtError(f"{path}: no weights under {prefix}* (expected for a {spec.family.value} checkpoint)")
+    for k, v in sd.items():  # text encoders keep position_ids, an int64 buffer
+        if k.startswith((UNET_PREFIX, *prefixes)) and not v.is_floating_point() and not k.endswith("position_ids"):
+            raise SdrtError(f"{path}: {k} is {str(v.dtype)[6:]}; sdrt reads floating-point weights only "
+                            "(quantized checkpoints are not supported)")
+    scheduler = marked_scheduler(path, sd, spec.scheduler)
 
     tokenizers = load_tokenizers(path.parent, len(spec.text_encoders))
     bos, eos = tokenizers[0].bos_token_id, tokenizers[0].eos_token_id
@@ -66,12 +81,48 @@ def load_single_file(path: Path, arch: str | None = None) -> Components:
 
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
-    load_strict(path, "unet", unet, convert(convert_ldm_unet_checkpoint, sd, dict(spec.unet)))
-    load_strict(path, "vae", vae, convert(convert_ldm_vae_checkpoint, sd, dict(spec.vae)))
+    for what, prefix, module, fn, config in (("unet", UNET_PREFIX, unet, convert_ldm_unet_checkpoint, spec.unet),
+                                             ("vae", VAE_PREFIX, vae, convert_ldm_vae_checkpoint, spec.vae)):
+        try:
+            converted = convert(fn, sd, dict(config))
+        except SdrtError as e:
+            raise SdrtError(f"{path}: {what}: {e}") from None
+        load_strict(path, what, module, converted, load=False)  # missing keys and wrong shapes first
+        # the converters rename one to one and skip what the architecture has no place for
+        if (n := sum(k.startswith(prefix) for k in sd)) > len(converted):
+            known = KNOWN_GROUPS[what] | ({"label_emb"} if what == "unet" and spec.family is Family.SDXL else set())
+            groups = sorted({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)} - known)
+            raise SdrtError(f"{path}: {what}: {n - len(converted)} of its {n} tensors have no place in '{arch}'"
+                            + (f" ({', '.join(groups[:3])})" if groups else "") + ": a variant sdrt cannot run")
+        load_strict(path, what, module, converted)
     for i, (prefix, te) in enumerate(zip(TEXT_PREFIXES[spec.family], text_encoders)):
-        load_strict(path, "text_encoder" + ("_2" if i else ""), te, convert_text_encoder(sd, prefix, te))
-    return Components(path.stem, spec.family, tokenizers, text_encoders, unet, vae, dict(spec.scheduler),
+        what = "text_encoder" + ("_2" if i else "")
+        try:
+            with warnings.catch_warnings():  # a malformed file's deprecation warnings (x.T of a 1-D tensor)
+                warnings.simplefilter("ignore")
+                converted = convert_text_encoder(sd, prefix, te)
+        except (KeyError, IndexError, ValueError, RuntimeError) as e:  # a tensor of the wrong rank, a missing key
+            raise SdrtError(f"{path}: {what}: unexpected layout ({type(e).__name__}: {e})") from None
+        load_strict(path, what, te, converted)
+    return Components(path.stem, spec.family, tokenizers, text_encoders, unet, vae, scheduler,
                       spec.default_size, str(path), hash_files([path]), preset_defaults(spec))
+
+
+# What the LDM layout holds under each prefix (and SDXL's UNet label_emb: its add_embedding).
+KNOWN_GROUPS = {"unet": {"time_embed", "input_blocks", "middle_block", "out", "output_blocks"},
+                "vae": {"encoder", "decoder", "quant_conv", "post_quant_conv"}}
+
+
+def marked_scheduler(path: Path, sd: dict, preset: dict) -> dict:
+    """The preset's scheduler config, changed as the file's own marker keys say."""
+    if "edm_mean" in sd or "edm_std" in sd or "edm_vpred.sigma_max" in sd:
+        raise SdrtError(f"{path}: an EDM checkpoint (edm_* keys, as Playground v2.5 has): not supported")
+    out = dict(preset)
+    if "v_pred" in sd:
+        out["prediction_type"] = "v_prediction"
+    if "ztsnr" in sd:  # zero-SNR training (arXiv 2305.08891) samples from t = T - 1
+        out.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    return out
 
 
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
@@ -88,8 +139,8 @@ def detect_preset(path: Path, sd: dict) -> str:
     """The first preset (same family, same cross-attention width) whose UNet has exactly these keys and shapes."""
     xl = any(k.startswith(SDXL_MARKER) for k in sd)
     # attn2 is cross-attention: to_k maps the text context (width = cross_attention_dim) to the inner dim.
-    ctx = next((v.shape[1] for k, v in sd.items() if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")),
-               None)
+    ctx = next((v.shape[1] for k, v in sd.items()
+                if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight") and v.dim() == 2), None)
     closest = ""
     for name, spec in PRESETS.items():
         if (spec.family is Family.SDXL) != xl or spec.unet["cross_attention_dim"] != ctx:
@@ -98,7 +149,9 @@ def detect_preset(path: Path, sd: dict) -> str:
         if not problems:
             return name
         closest = closest or f"; closest '{name}': {problems}"
-    raise SdrtError(f"{path}: the UNet matches no preset ({'SDXL' if xl else 'SD 1.x/2.x'} layout, "
+    sgm = any(k.startswith("conditioner.") for k in sd)  # an SDXL refiner's, or one missing an encoder
+    layout = "SDXL" if xl else "SGM, SDXL-refiner-like," if sgm else "SD 1.x/2.x"
+    raise SdrtError(f"{path}: the UNet matches no preset ({layout} layout, "
                     f"cross-attention width {ctx}){closest}")
 
 
@@ -149,10 +202,11 @@ def mismatch(expected: dict[str, tuple], got: dict[str, torch.Tensor]) -> str | 
     return "; ".join(parts) or None
 
 
-def load_strict(path: Path, what: str, module: torch.nn.Module, sd: dict) -> None:
+def load_strict(path: Path, what: str, module: torch.nn.Module, sd: dict, load: bool = True) -> None:
     if problems := mismatch({k: tuple(v.shape) for k, v in module.state_dict().items()}, sd):
         raise SdrtError(f"{path}: {what}: {problems}")
-    module.load_state_dict(sd, strict=True)  # copies (and casts fp16/bf16 files) into the fp32 parameters
+    if load:
+        module.load_state_dict(sd, strict=True)  # copies (and casts fp16/bf16 files) into the fp32 parameters
 
 
 def load_tokenizers(folder: Path, n: int) -> list:

@@ -78,10 +78,11 @@ def params_from(path) -> dict:
 
 def load_image(path):
     """An init image as an RGB PIL image; a file that is missing or not an image is a one-line SdrtError."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(Path(path).expanduser()) as im:
+        with Image.open(Path(path).expanduser()) as opened:
+            im = ImageOps.exif_transpose(opened)  # a phone photo's EXIF orientation, as diffusers' load_image does
             if im.mode.startswith("I;16") or im.mode == "I":  # 16/32-bit grey: convert("RGB") would clip at 255
                 a = np.asarray(im, dtype=np.float64)
                 scale = 257 if im.mode.startswith("I;16") or a.max() > 255 else 1  # "I" holding 8-bit levels: as is

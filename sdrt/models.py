@@ -65,7 +65,7 @@ class Components:
 def load_model(model: str, dtype: torch.dtype = torch.float32, seed: int = 0, arch: str | None = None) -> Components:
     """Resolve MODEL (preset name, diffusers folder or .safetensors file) into eval-mode components. `arch` (a
     preset name) says what a single-file checkpoint's weights cannot: its architecture and scheduler."""
-    if arch is not None and not str(model).endswith(".safetensors"):
+    if arch is not None and not str(model).lower().endswith(".safetensors"):
         raise SdrtError(f"--arch is for single-file .safetensors checkpoints; '{model}' says its own architecture")
     if model in PRESETS:
         c = build_preset(PRESETS[model], seed=seed)
@@ -75,17 +75,51 @@ def load_model(model: str, dtype: torch.dtype = torch.float32, seed: int = 0, ar
             raise SdrtError(f"model '{model}' is neither a preset ({', '.join(PRESETS)}) nor an existing path")
         if path.is_dir():
             c = load_diffusers_folder(path)
-        elif path.suffix == ".safetensors":
+        elif path.suffix.lower() == ".safetensors":
             from sdrt.checkpoint import load_single_file
 
             c = load_single_file(path, arch)
         else:
             raise SdrtError(f"{path}: expected a diffusers folder (model_index.json) or a .safetensors file")
+    check_vocabularies(c)
+    check_supported(c)
     for m in c.modules.values():
         if next(m.parameters()).dtype != dtype:  # diffusers warns on every .to(dtype), even a no-op one
             m.to(dtype)
         m.eval().requires_grad_(False)
     return c
+
+
+def check_vocabularies(c: Components) -> None:
+    """Every id a tokenizer can emit must have a row in its text encoder's embedding: a tokenizer with a textual
+    inversion's added tokens, beside weights without their embeddings, would otherwise fail at the first prompt
+    that uses one (an IndexError inside the embedding lookup)."""
+    for i, (tok, te) in enumerate(zip(c.tokenizers, c.text_encoders)):
+        rows = te.get_input_embeddings().num_embeddings
+        if len(tok) > rows:
+            raise SdrtError(f"{c.source}: tokenizer{'_2' if i else ''} has {len(tok)} tokens but text_encoder"
+                            f"{'_2' if i else ''} embeds only {rows} (added tokens without their embeddings?)")
+
+
+def check_supported(c: Components) -> None:
+    """Variants whose pipelines differ from SD's text-to-image loop, refused by name instead of run wrong."""
+    u, v = c.unet.config, c.vae.config
+    class_embed, addition_embed = getattr(u, "class_embed_type", None), getattr(u, "addition_embed_type", None)
+    problems = [
+        (getattr(u, "time_cond_proj_dim", None) is not None, "unet has time_cond_proj_dim: an LCM-distilled UNet, "
+         "which takes a guidance embedding instead of classifier-free guidance"),
+        (class_embed is not None, f"unet has class_embed_type={class_embed!r} (unCLIP, upscalers): it needs class "
+         "labels"),
+        (addition_embed not in (None, "text_time"),
+         f"unet has addition_embed_type={addition_embed!r}; only SDXL's text_time is run"),
+        (u.in_channels != v.latent_channels, f"unet takes {u.in_channels} input channels where the VAE's latents "
+         f"have {v.latent_channels} (an inpainting or instruct-pix2pix UNet)"),
+        (getattr(v, "latents_mean", None) is not None or getattr(v, "latents_std", None) is not None,
+         "vae has latents_mean/latents_std (Playground-style latent normalisation)"),
+    ]
+    for bad, what in problems:
+        if bad:
+            raise SdrtError(f"{c.source}: {what}: not supported")
 
 
 def source_hash(model: str, seed: int = 0) -> str:
@@ -200,10 +234,18 @@ def load_diffusers_folder(path: Path) -> Components:
     size = sample * 2 ** (len(vae.config.block_out_channels) - 1)
     cls_name = str(sched.get("_class_name"))  # str: a list there would be unhashable
     defaults = dict(steps=30, guidance=5.0 if family is Family.SDXL else 7.5,
-                    scheduler={"PNDMScheduler": "pndm", "DDIMScheduler": "ddim", "LCMScheduler": "lcm",
-                               "EulerAncestralDiscreteScheduler": "euler-a"}.get(cls_name, "euler"))
+                    scheduler=default_scheduler(cls_name, sched))
     return Components(path.name, family, tokenizers, text_encoders, unet, vae, sched, size, str(path),
                       hash_files(weight_files(path)), defaults)
+
+
+def default_scheduler(cls_name: str, config: dict) -> str:
+    """The sampler a folder's scheduler class names; Euler for classes sdrt does not implement (UniPC, DDPM,
+    Heun, KDPM2: `sdrt info` shows the class beside the default, and --scheduler overrides it)."""
+    if cls_name == "DPMSolverMultistepScheduler":
+        return "dpmpp-2m-karras" if config.get("use_karras_sigmas") is True else "dpmpp-2m"
+    return {"PNDMScheduler": "pndm", "DDIMScheduler": "ddim", "LCMScheduler": "lcm",
+            "EulerAncestralDiscreteScheduler": "euler-a"}.get(cls_name, "euler")
 
 
 # What transformers' CLIPTokenizer reads its vocabulary from: the fast tokenizer's file, or the slow one's pair.
@@ -222,10 +264,10 @@ def load_tokenizer(folder: Path, **kw):
         raise SdrtError(f"{folder}: no tokenizer vocabulary (tokenizer.json, or vocab.json and merges.txt)")
     try:
         tok = CLIPTokenizer.from_pretrained(folder, local_files_only=True, **kw)
-    except (OSError, *CONFIG_ERRORS) as e:
+    except Exception as e:  # also the tokenizers library's bare Exception ("Error while initializing BPE")
         raise SdrtError(f"{folder}: cannot load tokenizer: {first_line(e)}") from None
     if tok.model_max_length != MAX_LENGTH:
-        raise SdrtError(f"{folder}: model_max_length is {tok.model_max_length}, not CLIP's {MAX_LENGTH} "
+        raise SdrtError(f"{folder}: model_max_length is {tok.model_max_length!r}, not CLIP's {MAX_LENGTH} "
                         "(set it in tokenizer_config.json)")
     if len(tok) < 256:  # byte-level BPE: one symbol per byte at least, or text cannot be encoded
         raise SdrtError(f"{folder}: a vocabulary of {len(tok)} tokens is not a CLIP BPE vocabulary")

@@ -24,7 +24,8 @@ PNDM_SD15 = dict(_class_name="PNDMScheduler", **_SD_BETAS, set_alpha_to_one=Fals
 DDIM_SD21 = dict(_class_name="DDIMScheduler", **_SD_BETAS, set_alpha_to_one=False, steps_offset=1,
                  clip_sample=False, prediction_type="v_prediction", timestep_spacing="leading")
 EULER_SDXL = dict(_class_name="EulerDiscreteScheduler", **_SD_BETAS, steps_offset=1, prediction_type="epsilon",
-                  timestep_spacing="leading", interpolation_type="linear", use_karras_sigmas=False)
+                  timestep_spacing="leading", interpolation_type="linear", use_karras_sigmas=False,
+                  clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True)  # what --scheduler ddim/pndm read
 EULER_TURBO = dict(EULER_SDXL, timestep_spacing="trailing", steps_offset=1)
 
 

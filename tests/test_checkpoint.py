@@ -166,3 +166,84 @@ def test_cli_arch_picks_what_the_weights_cannot_say(files, capsys):
         assert main(argv) == 1
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and match in err and "Traceback" not in err
+
+
+def _edited(files, tmp_path, name: str, edit):
+    sd = to_ldm_state_dict(files[name][0])
+    edit(sd)
+    path = tmp_path / f"{name}-edited.safetensors"
+    save_file(sd, path)
+    return path
+
+
+def _put(key, value):
+    return lambda sd: sd.__setitem__(key, value)
+
+
+U, V = "model.diffusion_model.", "first_stage_model."
+
+
+@pytest.mark.parametrize("name, edit, match", [
+    # weights that would have been cast to fp32 garbage
+    ("tiny", lambda sd: sd.update({k: v.to(torch.int8) for k, v in sd.items() if k.startswith(U)}),
+     r"model\.diffusion_model\..* is int8; sdrt reads floating-point weights only"),
+    ("tiny", lambda sd: sd.update({k: v.to(torch.complex64) for k, v in sd.items() if k.startswith(V)}),
+     r"first_stage_model\..* is complex64"),
+    # keys the converters would have dropped: a different model loading as this one
+    ("tiny-sd2", lambda sd: sd.update({U + "label_emb.0.0.weight": torch.zeros(32, 8)}),
+     r"unet: 1 of its 325 tensors have no place in 'tiny-sd2' \(label_emb\)"),
+    ("tiny", _put(U + "extra.weight", torch.zeros(4)), r"unet: 1 of its 325 tensors .* \(extra\)"),
+    ("tiny", _put(V + "decoder.conv_in.lora_down.weight", torch.zeros(4, 4)), "vae: 1 of its 177 tensors"),
+    # tensors of the wrong rank, once IndexErrors
+    ("tiny-sd2", lambda sd: sd.update({k: v[0] for k, v in sd.items() if k.endswith("in_proj_weight")}),
+     "text_encoder: unexpected layout"),
+    ("tiny", lambda sd: sd.update({k: v.flatten() for k, v in sd.items() if k.endswith("attn2.to_k.weight")}),
+     "matches no preset"),
+    ("tiny-sdxl", lambda sd: sd.update({k: v[0] for k, v in sd.items() if k.endswith("text_projection")}),
+     r"text_encoder_2: 1 wrong shape \(text_projection.weight"),
+    # a missing key the VAE converter indexes: named with its component
+    ("tiny", lambda sd: sd.pop(next(k for k in sd if k.startswith(V) and "upsample.conv.bias" in k)),
+     r"vae: unexpected layout, key .*upsample\.conv\.bias"),
+    ("tiny-sdxl", _put("edm_mean", torch.zeros(4)), "an EDM checkpoint"),
+    ("tiny", lambda sd: [sd.__setitem__(k.replace(U, "model_ema."), sd.pop(k)) for k in list(sd) if k.startswith(U)],
+     r"holds only EMA weights \(model_ema\.\*\)"),
+], ids=["int8 unet", "complex vae", "unclip label_emb", "unknown unet key", "lora key in vae", "1-d in_proj",
+        "1-d cross-attention", "1-d projection", "vae key missing", "edm", "ema only"])
+def test_variants_that_are_not_the_model_are_refused(files, tmp_path, capsys, name, edit, match):
+    from sdrt.cli import main
+
+    path = _edited(files, tmp_path, name, edit)
+    one_line_error(path, match)
+    assert main(["info", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err  # no library warnings before the line either
+
+
+def test_marker_keys_set_the_prediction_and_zero_snr(files, tmp_path):
+    # ComfyUI saves v-prediction and zero-terminal-SNR models with these empty marker tensors
+    path = _edited(files, tmp_path, "tiny-sdxl", lambda sd: sd.update(v_pred=torch.zeros(0), ztsnr=torch.zeros(0)))
+    c = load_single_file(path)
+    assert c.prediction_type == "v_prediction"
+    assert c.scheduler_config["rescale_betas_zero_snr"] and c.scheduler_config["timestep_spacing"] == "trailing"
+    assert load_single_file(files["tiny-sdxl"][1]).prediction_type == "epsilon"  # unmarked: the preset's
+
+
+def test_a_tokenizer_longer_than_the_embedding_is_refused(files, tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(files["tiny"][1].read_bytes())
+    tok = builtin_tokenizer()
+    tok.add_tokens([f"<emb{i}>" for i in range(200)])  # a textual inversion's tokens, without its embeddings
+    tok.save_pretrained(tmp_path / "tokenizer")
+    with pytest.raises(SdrtError, match="tokenizer has 1114 tokens but text_encoder embeds only 1024"):
+        load_model(str(path))
+
+
+def test_a_malformed_tokenizer_beside_the_file_is_one_line(files, tmp_path):
+    path = tmp_path / "MODEL.SAFETENSORS"  # the suffix in any case
+    path.write_bytes(files["tiny"][1].read_bytes())
+    builtin_tokenizer().save_pretrained(tmp_path / "tokenizer")
+    for f in ("tokenizer.json", "vocab.json"):
+        if (tmp_path / "tokenizer" / f).exists():
+            (tmp_path / "tokenizer" / f).write_text("[1, 2]")  # the tokenizers library raises a bare Exception
+    with pytest.raises(SdrtError, match="tokenizer: cannot load tokenizer"):
+        load_model(str(path))

@@ -187,6 +187,18 @@ def test_a_16_bit_grey_init_image_keeps_its_levels(tmp_path):
     assert rgb.shape == (8, 8, 3) and (rgb == 128).all()  # 32768 / 257, rounded
 
 
+def test_an_init_image_is_turned_upright_by_its_exif_orientation(tmp_path):
+    # A phone photo stored landscape with Orientation 6 (rotate 90 degrees clockwise to view): as diffusers loads it.
+    stored = np.zeros((64, 96, 3), np.uint8)
+    stored[:, :8] = 255  # a white band on the stored image's left edge: the viewed image's top
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    rgb = np.asarray(load_image(tmp_path / "phone.jpg"))
+    assert rgb.shape == (96, 64, 3)
+    assert rgb[:6].mean() > 200 and rgb[-80:].mean() < 30
+
+
 def test_run_through_its_own_parser(tmp_path):
     # the module works without the top-level CLI: HELP, add_arguments, run
     parser = argparse.ArgumentParser()

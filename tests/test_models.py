@@ -174,3 +174,49 @@ def test_info_cli_prints_components(capsys):
 def test_model_index_names_components(tiny_folder):
     index = json.loads((tiny_folder / "model_index.json").read_text())
     assert index["text_encoder_2"] == ["transformers", "CLIPTextModelWithProjection"]
+
+
+def _folder_with(tmp_path, tiny_folder, unet=None, vae=None):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    folder = tmp_path / "variant"
+    shutil.copytree(tiny_folder, folder)
+    if unet is not None:  # weights of a UNet built with these config changes
+        UNet2DConditionModel(**{**PRESETS["tiny-sdxl"].unet, **unet}).save_pretrained(folder / "unet")
+    if vae is not None:
+        AutoencoderKL(**{**PRESETS["tiny-sdxl"].vae, **vae}).save_pretrained(folder / "vae")
+    return str(folder)
+
+
+@pytest.mark.parametrize("unet, vae, message", [
+    ({"time_cond_proj_dim": 32}, None, "an LCM-distilled UNet"),
+    ({"in_channels": 9}, None, "unet takes 9 input channels where the VAE's latents have 4"),
+    (None, {"latents_mean": [0.1] * 4, "latents_std": [0.9] * 4}, "vae has latents_mean/latents_std"),
+], ids=["lcm unet", "inpainting unet", "latents mean"])
+def test_variants_with_another_pipeline_are_refused(tmp_path, tiny_folder, capsys, unet, vae, message):
+    # each once ran as plain text-to-image: 38 dB (LCM), a VAE error (9 channels), 30 dB from diffusers (latents_mean)
+    model = _folder_with(tmp_path, tiny_folder, unet, vae)
+    with pytest.raises(SdrtError, match=message):
+        load_model(model)
+    capsys.readouterr()  # the libraries' loading bars: the CLI turns them off, the API leaves them be
+    assert main(["info", model]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "not supported" in err
+
+
+@pytest.mark.parametrize("karras, want", [(True, "dpmpp-2m-karras"), (False, "dpmpp-2m")])
+def test_a_dpm_folder_defaults_to_dpm(tmp_path, tiny_folder, karras, want):
+    folder = tmp_path / "dpm"
+    shutil.copytree(tiny_folder, folder)
+    config = folder / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(config.read_text())
+    config.write_text(json.dumps({**cfg, "_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": karras}))
+    assert load_model(str(folder)).defaults["scheduler"] == want
+
+
+def test_sdxl_presets_run_ddim_as_the_released_config_says():
+    # SDXL's scheduler_config.json says clip_sample false: DDIM without it clamps x0 to [-1, 1] (14 dB off)
+    from sdrt.schedulers import make_schedule
+
+    for name in ("sdxl", "sd-turbo", "tiny-sdxl"):
+        assert make_schedule("ddim", PRESETS[name].scheduler, 4).clip is None, name
