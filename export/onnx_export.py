@@ -182,7 +182,7 @@ def _up_to_date(model: str, seed: int, out_dir: Path, precision: str, opset: int
                 progress: bool) -> dict | None:
     """The no-op re-run without building the model: same weights hash, precision, opset, sdrt version, and every
     requested component's file matching the manifest. None means: build the model and go the long way."""
-    from sdrt.export.onnx_manifest import FORMAT, entry_problem, read_manifest
+    from sdrt.export.onnx_manifest import FORMAT, entry_problem, model_components, read_manifest
 
     from sdrt import __version__
     from sdrt.models import source_hash
@@ -192,7 +192,9 @@ def _up_to_date(model: str, seed: int, out_dir: Path, precision: str, opset: int
             FORMAT, __version__, precision, opset):
         return None
     entries = old.get("components", {})
-    wanted = [components] if isinstance(components, str) else list(dict.fromkeys(components or entries))
+    # no --components: all the model has, not all the last (perhaps partial) export wrote
+    every = model_components(old.get("model", {}))
+    wanted = [components] if isinstance(components, str) else list(dict.fromkeys(components or every))
     if not wanted or any(n not in entries or entry_problem(out_dir, entries[n]) for n in wanted):
         return None
     if old.get("model", {}).get("source_hash") != source_hash(model, seed):
@@ -252,7 +254,8 @@ def _header(c, precision: str, opset: int) -> dict:
 
 
 def _save_tokenizers(c, out_dir: Path) -> None:
-    """DIR/tokenizer[_2]/ so an export runs without the source model (each folder replaced whole)."""
+    """DIR/tokenizer[_2]/, the ids the text encoder graphs take, for other runtimes that serve the export (sdrt
+    itself tokenizes with the model it loads); each folder replaced whole."""
     for i, tok in enumerate(c.tokenizers):
         final = out_dir / f"tokenizer{'_2' if i else ''}"
         tmp = out_dir / f"{TMP_PREFIX}{os.getpid()}-{final.name}"

@@ -69,6 +69,8 @@ def entry_problem(out_dir: Path, entry: dict, verify_hashes: bool = True) -> str
     for name, digest, size in files:
         if not name or not digest:
             return "incomplete entry"
+        if not isinstance(name, str) or Path(name).name != name:  # the export's own files only, never ../x.onnx
+            return f"{name!r} is not a file name in the export directory"
         path = Path(out_dir) / name
         if not path.is_file():
             return f"{name} is missing"

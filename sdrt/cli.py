@@ -66,12 +66,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sdrt {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a bug, not bad input: one line unless asked for the traceback
+        if _interrupted(e):  # Ctrl-C inside an import that then failed on its half-initialised module
+            print(f"sdrt {args.command}: interrupted", file=sys.stderr)
+            return 130
         if args.traceback:
             raise
         first = (_lines(e) or [""])[0]  # torch's and onnxruntime's messages run to many lines; the trace has them
         print(f"sdrt {args.command}: internal error: {type(e).__name__}: {first} (rerun with --traceback)",
               file=sys.stderr)
         return 2
+
+
+def _interrupted(e: BaseException) -> bool:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _lines(e: BaseException) -> list[str]:

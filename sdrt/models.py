@@ -38,7 +38,7 @@ class Components:
     scheduler_config: dict
     default_size: int
     source: str                 # what MODEL was: "preset:tiny", a folder or a file path
-    source_hash: str            # sha256 of the weight files (or of the preset name and seed)
+    source_hash: str            # sha256 of the weight and config files (or of the preset name and seed)
     defaults: dict = field(default_factory=dict)  # steps, guidance, scheduler
 
     @property
@@ -142,7 +142,10 @@ def check_seed(seed: int) -> None:
 
 
 def weight_files(folder: Path) -> list[Path]:
-    return sorted(folder.rglob("*.safetensors")) + sorted(folder.rglob("*.bin"))
+    """What a folder's graphs are made of: the weights, and the configs that shape them (an edited norm_eps or
+    hidden_act is another model, whose cached export must not be reused)."""
+    configs = [f for f in [folder / "model_index.json", *folder.glob("*/config.json")] if f.is_file()]
+    return sorted(folder.rglob("*.safetensors")) + sorted(folder.rglob("*.bin")) + sorted(configs)
 
 
 def build_text_encoder(cfg: dict, bos: int, eos: int):

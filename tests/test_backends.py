@@ -176,3 +176,46 @@ def test_ensure_onnx_never_overwrites_a_foreign_export(sdxl, sdxl_onnx):
         ensure_onnx(load_model("tiny-sdxl", seed=1), Precision.FP32, sdxl_onnx)
     assert (sdxl_onnx / "manifest.json").read_bytes() == before
     assert ensure_onnx(sdxl, Precision.FP32, sdxl_onnx) == sdxl_onnx  # its own export is reused as it is
+
+
+def _edited_export(sdxl_onnx, tmp_path, edit):
+    import json
+    import shutil
+
+    d = tmp_path / "edited"
+    shutil.copytree(sdxl_onnx, d)
+    m = json.loads((d / "manifest.json").read_text())
+    edit(m)
+    (d / "manifest.json").write_text(json.dumps(m))
+    return d
+
+
+def _swap(m, a, b):
+    m["components"][a], m["components"][b] = m["components"][b], m["components"][a]
+
+
+def _set_bounds(m, **kw):  # where the exporter put them: the model entry, or the top level
+    (m if "min_size" in m else m["model"]).update(kw)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: _swap(m, "unet", "vae_decoder"), r"vae_decoder\.onnx: takes latent, not the unet's inputs"),
+    (lambda m: _set_bounds(m, min_size="abc"), "the manifest's min_size is 'abc', not a multiple of 8"),
+    (lambda m: _set_bounds(m, size_multiple=12), "size_multiple is 12"),
+], ids=["swapped graphs", "min_size a string", "size_multiple 12"])
+def test_a_hand_edited_manifest_is_a_clear_error(sdxl, sdxl_onnx, tmp_path, edit, match):
+    # each was an internal error (KeyError 'latent', ValueError) once
+    d = _edited_export(sdxl_onnx, tmp_path, edit)
+    with pytest.raises(SdrtError, match=match):
+        x = sdxl_inputs()
+        make_backend("onnxruntime", onnx_dir=d).unet(x["sample"], x["timestep"], x["ehs"], x["text_embeds"],
+                                                     x["time_ids"])
+
+
+def test_an_onnx_dir_that_is_a_file_is_refused_before_any_work(sdxl, tmp_path, capsys):
+    from sdrt.backends.onnxruntime import ensure_onnx
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SdrtError, match="--onnx-dir .*afile is a file, not a directory"):
+        ensure_onnx(sdxl, Precision.FP32, tmp_path / "afile", log=print)
+    assert capsys.readouterr().out == ""  # no "exporting ..." line before the error

@@ -26,6 +26,19 @@ def test_every_failure_is_one_line_with_its_exit_code(monkeypatch, capsys, exc, 
     assert capsys.readouterr().err.splitlines() == [line]
 
 
+def _import_failed_after_ctrl_c():
+    try:
+        raise KeyboardInterrupt  # Ctrl-C inside numpy's import...
+    except KeyboardInterrupt:
+        raise ImportError("cannot load module more than once per process")  # noqa: B904  (implicit __context__, as there)
+
+
+def test_ctrl_c_during_an_import_is_an_interrupt_not_an_internal_error(monkeypatch, capsys):
+    monkeypatch.setattr("sdrt.info.run", lambda args: _import_failed_after_ctrl_c())
+    assert main(["info", "tiny"]) == 130
+    assert capsys.readouterr().err.splitlines() == ["sdrt info: interrupted"]
+
+
 def test_traceback_flag_shows_the_internal_error_itself(monkeypatch):
     monkeypatch.setattr("sdrt.info.run", _raising(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):

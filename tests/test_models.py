@@ -89,6 +89,17 @@ def test_folder_hash_tracks_weights(tiny_folder, tmp_path):
     assert load_model(str(other)).source_hash != load_model(str(tiny_folder)).source_hash
 
 
+def test_folder_hash_tracks_configs(tiny_folder, tmp_path):
+    # the cached ONNX export keys on it: an edited norm_eps is another model (35 dB off when the export was reused)
+    from sdrt.models import source_hash
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_folder, other)
+    config = other / "unet" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "norm_eps": 1e-3}))
+    assert source_hash(str(other)) == load_model(str(other)).source_hash != source_hash(str(tiny_folder))
+
+
 def bad_input(tmp_path, tiny_folder, case):
     if case == "missing path":
         return str(tmp_path / "nope")

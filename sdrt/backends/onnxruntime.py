@@ -52,6 +52,8 @@ def ensure_onnx(components, precision: Precision, onnx_dir=None, log=None) -> Pa
     from sdrt.export.onnx_export import export_model
 
     if onnx_dir is not None:
+        if Path(onnx_dir).exists() and not Path(onnx_dir).is_dir():
+            raise SdrtError(f"--onnx-dir {onnx_dir} is a file, not a directory")
         refuse_foreign_export(Path(onnx_dir), components, precision)
     onnx_dir = Path(onnx_dir) if onnx_dir is not None else cache_dir(components.source_hash, precision.value)
     if not manifest_matches(onnx_dir, components, precision):
@@ -151,8 +153,10 @@ class OnnxRuntimeBackend:
         self.device = default_device(device)
         self.dtype = precision.torch_dtype
         bounds = {**self.manifest.get("model", {}), **self.manifest}  # size bounds, wherever the exporter put them
-        self.size_multiple = int(bounds.get("size_multiple", 8))
-        self.min_size = int(bounds.get("min_size", 64))
+        self.size_multiple, self.min_size = bounds.get("size_multiple", 8), bounds.get("min_size", 64)
+        for key, v in (("size_multiple", self.size_multiple), ("min_size", self.min_size)):
+            if type(v) is not int or v < 8 or v % 8:  # a hand-edited manifest: "abc", 0, 12
+                raise SdrtError(f"{self.onnx_dir}: the manifest's {key} is {v!r}, not a multiple of 8; re-export")
         if self.device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise SdrtError("onnxruntime has no CUDA provider here: install onnxruntime-gpu, or use --device cpu")
@@ -187,6 +191,10 @@ class OnnxRuntimeBackend:
 
     def run(self, name: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         sess = self.session(name)
+        if any(i.name not in feeds for i in sess.get_inputs()):  # a manifest that names another graph for it
+            raise SdrtError(f"{self.onnx_dir / self.manifest['components'][name]['file']}: takes "
+                            f"{', '.join(i.name for i in sess.get_inputs())}, not the {name}'s inputs "
+                            f"({', '.join(feeds)}); re-export")
         if self.io_binding:
             return self._run_bound(sess, feeds)
         args = {i.name: _to_numpy(feeds[i.name], NP_DTYPES[i.type]) for i in sess.get_inputs()}

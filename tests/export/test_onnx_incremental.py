@@ -187,3 +187,24 @@ def test_an_unwritable_directory_is_a_one_line_error(tmp_path):
     with pytest.raises(SdrtError, match="cannot write .*export.lock"):
         with DirLock(out, LOCK_FILE, "test"):
             pass
+
+
+def test_a_full_rerun_after_a_partial_export_is_not_up_to_date(tmp_path):
+    # `sdrt export tiny -o D --components ...` then `sdrt export tiny -o D`: the second once said "up to date"
+    # and left D partial (no --components means all the model has, not all the last run wrote)
+    from sdrt.export.onnx_export import _up_to_date
+
+    out = tmp_path / "o"
+    m = export_model("tiny", out, components=TWO, progress=False)
+    assert _up_to_date("tiny", 0, out, "fp32", m["opset"], TWO, False) == m
+    assert _up_to_date("tiny", 0, out, "fp32", m["opset"], None, False) is None
+
+
+def test_a_manifest_entry_outside_the_directory_is_not_trusted(tiny, tmp_path):
+    out = tmp_path / "o"
+    export(tiny, out)
+    shutil.copy(out / "vae_decoder.onnx", tmp_path / "elsewhere.onnx")
+    text = (out / "manifest.json").read_text().replace('"vae_decoder.onnx"', '"../elsewhere.onnx"')
+    (out / "manifest.json").write_text(text)
+    with pytest.raises(SdrtError, match="'../elsewhere.onnx' is not a file name in the export directory"):
+        load_manifest(out, require=TWO, verify_hashes=False)
