@@ -34,7 +34,7 @@ def describe_row(row, mem, device) -> dict:
     on_gpu = row.device.type == "cuda"
     return {"kind": row.spec.kind, "precision": row.precision, "device": str(row.device),
             "cold_start_s": {k: None if v is None else round(v, 2) for k, v in row.cold_s.items()},
-            # GPU rows: the CUDA peak allocation; CPU rows: peak RSS above the process's RSS before the row began.
+            # GPU rows: the CUDA peak allocation, CPU rows: peak RSS, each above the row's start (MiB)
             "peak_mem_mb": mem.cuda_mb if on_gpu else mem.rss_mb, "peak_rss_mb": mem.rss_mb,
             "held_rss_mb": mem.held_mb, "peak_cuda_mb": mem.cuda_mb, "notes": list(row.notes)}
 
@@ -81,7 +81,8 @@ def add_speedups(results: list, unet_flops: int | None = None) -> None:
     ref = next((r for r in results if not r.get("skipped") and "unet_step_ms" in r), None)
     for r in results:
         ok = ref is not None and not r.get("skipped") and "unet_step_ms" in r
-        r["unet_tflops"] = round(unet_flops / r["unet_step_ms"] / 1e9, 4) if ok and unet_flops else None
+        tflops = unet_flops / r["unet_step_ms"] / 1e9 if ok and unet_flops else None
+        r["unet_tflops"] = None if tflops is None else float(f"{tflops:.4g}")  # a tiny model's CPU row: 0.000119
         r["speedup_unet_vs_eager"] = round(ref["unet_step_ms"] / r["unet_step_ms"], 3) if ok else None
         r["speedup_e2e_vs_eager"] = round(ref["e2e_ms"]["p50"] / r["e2e_ms"]["p50"], 3) if ok else None
         r["speedup_vs_eager_min"] = {k: round(ref["min_ms"][k] / r["min_ms"][k], 3) for k in ("unet_step_ms", "e2e_ms")
@@ -159,7 +160,7 @@ def markdown(report: dict) -> str:
             f"batch {q['batch']}, guidance {q['guidance']} (UNet batch {q['batch'] * (2 if q['guidance'] > 1 else 1)}"
             + (f", {gflop:.1f} GFLOP per UNet step" if gflop else "") + f"), {_runs(report)} runs")
     cols = ["backend", "precision", "text enc ms", "UNet step ms", "VAE dec ms", "e2e p50 ms", "e2e p90 ms",
-            "UNet vs eager", "e2e vs eager", "UNet TFLOP/s", "peak MB", "PSNR vs eager dB", "latent max-abs",
+            "UNet vs eager", "e2e vs eager", "UNet TFLOP/s", "peak MiB", "PSNR vs eager dB", "latent max-abs",
             "cold start s"]
     lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in report["results"]:

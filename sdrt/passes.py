@@ -83,6 +83,8 @@ def use_sdrt_attention(model: nn.Module, kernel: bool = True, fuse_qkv: bool = T
             continue
         if getattr(m, "add_q_proj", None) is not None:  # SD3/Flux joint attention: not an SD 1/2/XL UNet
             raise ValueError("use_sdrt_attention supports SD 1.x/2.x/XL attention, not added (joint) projections")
+        if getattr(m, "add_k_proj", None) is not None or getattr(m, "norm_cross", None) is not None:
+            continue  # added K/V (UNetMidBlock2DSimpleCrossAttn), a normed context: diffusers' processors keep them
         if fuse_qkv:
             fuse_projections(m)
         m.set_processor(processor)
@@ -95,13 +97,17 @@ def fuse_projections(attn: nn.Module) -> nn.Module:
 
     to_q/to_k/to_v keep working (other processors, unfusing) as views into the fused weights: no extra memory.
     A later .to(dtype) converts each parameter on its own and so undoes the sharing (not the results): apply
-    precision first.
+    precision first. Only plain nn.Linear projections are fused: a LoRA wrapper's extra path would be dropped (so
+    its layer stays unfused), and a LoRA merged into to_q/to_k/to_v after fusing leaves the fused copy stale:
+    merge LoRAs before the passes.
     """
     names = ("to_k", "to_v") if attn.is_cross_attention else ("to_q", "to_k", "to_v")
     fused_name = "to_kv" if attn.is_cross_attention else "to_qkv"
     if getattr(attn, fused_name, None) is not None:
         return attn  # already fused
     layers = [getattr(attn, n) for n in names]
+    if any(type(lin) is not nn.Linear for lin in layers):  # LoRACompatibleLinear, peft's lora.Linear
+        return attn
     weight = torch.cat([lin.weight.detach() for lin in layers])  # (parts * inner, in_features)
     bias = torch.cat([lin.bias.detach() for lin in layers]) if layers[0].bias is not None else None
     fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
@@ -178,7 +184,7 @@ def use_sdrt_group_norm(model: nn.Module, kernel: bool = True) -> nn.Module:
             m.conv_act = nn.Identity()
     for parent in list(model.modules()):  # the rest: transformer input norms, attention group norms
         for name, child in list(parent.named_children()):
-            if _is_group_norm(child):
+            if _is_group_norm(child) and name != "norm_cross":  # diffusers' processors type-check that one
                 setattr(parent, name, GroupNormAct(child, silu=False, kernel=kernel))
     return model
 

@@ -217,6 +217,56 @@ def test_peak_memory_sees_an_allocation():
     assert 60 <= mem.rss_mb <= 200, mem.rss_mb
 
 
+def test_gpu_peak_memory_is_the_rows_own_and_the_references_with_it(monkeypatch):
+    # Interleaved rows keep the earlier rows' weights on the GPU: the absolute peak counted them all (2.5-3.5x
+    # the row's own in the H100 run's fp16 rows).
+    import torch
+
+    from sdrt.bench_rows import PeakMemory
+
+    mib = 2**20
+    cuda = {"now": 3000 * mib, "peak": 0}  # the earlier rows' 3000 MiB
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d: cuda.update(peak=cuda["now"]))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: cuda["now"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: cuda["peak"])
+    with PeakMemory(torch.device("cuda")) as reference:
+        cuda["now"] += 100 * mib  # the reference's weights, loaded before its row
+        cuda["peak"] = cuda["now"]
+    with PeakMemory(torch.device("cuda")) as row:
+        cuda["peak"] = cuda["now"] + 512 * mib  # the row's activations, freed at its end
+    assert (reference.cuda_mb, row.cuda_mb) == (100.0, 512.0)
+    row.include(reference)
+    assert row.cuda_mb == 612.0
+
+
+def test_an_exports_time_is_the_manifests_fresh_or_cached(monkeypatch, tmp_path):
+    # A fresh export reported the child process's wall time (start-up, model build, a VAE encoder the bench never
+    # runs): 19.5 s, where the cached re-run reported the manifest's 10.4 s for the same export.
+    import time
+
+    import torch
+    from sdrt.export.onnx_manifest import FORMAT
+
+    from sdrt import bench_rows
+
+    monkeypatch.setenv("SDRT_CACHE", str(tmp_path))
+    ctx = bench_rows.Context("tiny", torch.device("cpu"), source_hash="ab" * 32)
+
+    def fake_export(argv, timeout):
+        out = Path(argv[argv.index("-o") + 1])
+        out.mkdir(parents=True)
+        time.sleep(0.3)  # the child's start-up, which the manifest's times leave out
+        manifest = {"format": FORMAT, "precision": "fp32", "model": {"source_hash": ctx.source_hash},
+                    "components": {"unet": {"export_s": 0.05}, "text_encoder": {"export_s": 0.02}}}
+        (out / "manifest.json").write_text(json.dumps(manifest))
+
+    monkeypatch.setattr(bench_rows, "sdrt_cli", fake_export)
+    _, fresh, cached = bench_rows.export_onnx(ctx, "fp32")
+    assert not cached and fresh == pytest.approx(0.07)
+    ctx.exports = {}
+    assert bench_rows.export_onnx(ctx, "fp32")[1:] == (pytest.approx(0.07), True)
+
+
 def test_gpu_suite_dry_run(tmp_path, cache):
     path = ROOT / "benchmarks" / "gpu_suite.py"
     spec = importlib.util.spec_from_file_location("gpu_suite", path)
@@ -237,6 +287,9 @@ def test_gpu_suite_dry_run(tmp_path, cache):
     assert "| torch:fp16 | UNet step |" in md  # every torch-run row is profiled
     torch_row = next(r for r in report["results"] if r["backend"] == "torch:fp16")
     assert 0 < torch_row["outside_loop_ms"] < torch_row["e2e_ms"]["p50"] and "outside the loop, ms" in md
+    versus = md.split("| step in the loop, ms |")[1].split("\n\n")[0]  # the table against diffusers
+    peer = next(line for line in versus.splitlines() if line.startswith("| diffusers:fp16 | "))
+    assert peer.split(" | ")[2] == "-"  # no loop of ours to time: not its standalone UNet call under that name
     gn = [r for r in report["kernels"] if r["benchmark"] == "bench_group_norm"]
     assert gn and all(r["ms"] > 0 and r["gpp"] >= 1 for r in gn)
     assert (tmp_path / "gpu_suite.png").is_file()

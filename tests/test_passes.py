@@ -137,6 +137,26 @@ def test_group_norm_pass_fuses_silu_where_it_follows(tiny):
     assert all(torch.equal(new[k], ref[k]) for k in ref)
 
 
+@pytest.mark.parametrize("silu", [False, True])
+def test_torch_group_norm_is_exact_on_channels_last_cpu_tensors_with_an_offset(silu):
+    # PyTorch's channels-last CPU GroupNorm sums x and x^2 unshifted: a mean 300x the spread lost 1.7e-1 of a
+    # unit-scale output (and the pipeline 64 dB against eager). The block runs it in NCHW and returns channels-last.
+    g = torch.Generator().manual_seed(0)
+    norm = nn.GroupNorm(32, 320)
+    with torch.no_grad():
+        norm.weight.normal_(generator=g), norm.bias.normal_(generator=g)
+    x = (torch.randn(2, 320, 16, 16, generator=g) + 300).contiguous(memory_format=torch.channels_last)
+    def gn(t):
+        out = torch.nn.functional.group_norm(t, 32, norm.weight.to(t.dtype), norm.bias.to(t.dtype))
+        return torch.nn.functional.silu(out) if silu else out
+
+    with torch.no_grad():
+        y, ref, nchw = blocks.GroupNormAct(norm, silu=silu, kernel=False)(x), gn(x.double()), gn(x.contiguous())
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    bar = (nchw.double() - ref).abs().max().item()  # fp32 NCHW's own rounding here, ~1e-4
+    assert (y.double() - ref).abs().max().item() <= 1.5 * bar
+
+
 def test_time_act_stays_per_block_outside_sd_blocks():
     # A UNet with a block type SD does not use (here the plain UNetMidBlock2D) keeps the SiLU in each resnet: the
     # hoist is made only where every block is one of SD's, whose resnets are the embedding's only consumers (other
@@ -314,3 +334,51 @@ def test_passes_remove_kernels_from_the_sd15_step():
     assert n(stock, "conv2d") == n(fast, "conv2d") and n(fast, "linear") == n(stock, "linear") - 64 - 16 - 24
     assert sum(n(fast, op) for op in ("arange", "exp", "sin", "cos", "to")) == 0
     assert n(stock, "cat") - n(fast, "cat") == 2
+
+
+def _attention_case(cross=48, **kw):
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, cross_attention_dim=cross, heads=4, dim_head=8, **kw).eval()
+    for m in attn.modules():  # stock norms start at weight 1, bias 0, which hides affine mistakes
+        if isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
+            with torch.no_grad():
+                m.weight.normal_(), m.bias.normal_()
+    g = torch.Generator().manual_seed(1)
+    return attn, torch.randn(2, 64, 32, generator=g), torch.randn(2, 77, 48, generator=g)
+
+
+@pytest.mark.parametrize("kw", [dict(added_kv_proj_dim=48), dict(cross_attention_norm="group_norm",
+                                                                  cross_attention_norm_num_groups=8)],
+                         ids=["added kv (SimpleCrossAttn)", "group-normed context"])
+def test_attention_the_processor_does_not_cover_keeps_diffusers(kw):
+    # added K/V projections were silently ignored (0.48 off on outputs of ~1.5), and the GroupNorm pass's
+    # GroupNormAct in norm_cross failed diffusers' isinstance(nn.GroupNorm) check
+    attn, x, text = _attention_case(**kw)
+    with torch.no_grad():
+        ref = attn(x, text)
+        passes.use_sdrt_group_norm(passes.use_sdrt_attention(attn, kernel=False), kernel=False)
+        out = attn(x, text)
+    assert not isinstance(attn.processor, blocks.SdrtAttnProcessor)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+
+
+def test_lora_wrapped_projections_are_not_fused():
+    # fusing concatenated .weight only: a LoRACompatibleLinear's LoRA path was dropped (1.16 off on 1.38)
+    from diffusers.models.lora import LoRACompatibleLinear, LoRALinearLayer
+
+    attn, x, _ = _attention_case(cross=None)  # self-attention: to_q, to_k, to_v would fuse into to_qkv
+    torch.manual_seed(2)
+    for n in ("to_q", "to_k", "to_v"):
+        lin = getattr(attn, n)
+        lora = LoRACompatibleLinear(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                    lora_layer=LoRALinearLayer(lin.in_features, lin.out_features, rank=4))
+        lora.load_state_dict(lin.state_dict(), strict=False)
+        nn.init.normal_(lora.lora_layer.up.weight, std=0.5)
+        setattr(attn, n, lora)
+    with torch.no_grad():
+        ref = attn(x)
+        out = passes.use_sdrt_attention(attn, kernel=False)(x)
+    assert getattr(attn, "to_qkv", None) is None and isinstance(attn.processor, blocks.SdrtAttnProcessor)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
