@@ -41,6 +41,9 @@ TEXT_PREFIXES = {
     Family.SDXL: ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."),
 }
 SDXL_MARKER = "conditioner.embedders.1."
+# A standalone VAE file's training leftovers, which merges that bake one in carry along (A1111 and ComfyUI skip
+# them too): its discriminator loss and the EMA bookkeeping (an int num_updates).
+VAE_EXTRAS = (VAE_PREFIX + "loss.", VAE_PREFIX + "model_ema.")
 
 
 def load_single_file(path: Path, arch: str | None = None) -> Components:
@@ -50,7 +53,7 @@ def load_single_file(path: Path, arch: str | None = None) -> Components:
     path = Path(path)
     if not path.is_file():
         raise SdrtError(f"{path}: no such file")
-    sd = read_checkpoint(path)
+    sd = {k: v for k, v in read_checkpoint(path).items() if not k.startswith(VAE_EXTRAS)}
     if not any(k.startswith(UNET_PREFIX) for k in sd):
         if any(k.startswith("model_ema.") for k in sd):
             raise SdrtError(f"{path}: holds only EMA weights (model_ema.*), which sdrt does not read; use a file "

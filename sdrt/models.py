@@ -108,12 +108,12 @@ def check_supported(c: Components) -> None:
     problems = [
         (getattr(u, "time_cond_proj_dim", None) is not None, "unet has time_cond_proj_dim: an LCM-distilled UNet, "
          "which takes a guidance embedding instead of classifier-free guidance"),
-        (class_embed is not None, f"unet has class_embed_type={class_embed!r} (unCLIP, upscalers): it needs class "
-         "labels"),
+        (getattr(c.unet, "class_embedding", None) is not None, f"unet has a class embedding (class_embed_type="
+         f"{class_embed!r}: unCLIP, the x4 upscaler's noise level): it needs class labels"),
         (addition_embed not in (None, "text_time"),
          f"unet has addition_embed_type={addition_embed!r}; only SDXL's text_time is run"),
         (u.in_channels != v.latent_channels, f"unet takes {u.in_channels} input channels where the VAE's latents "
-         f"have {v.latent_channels} (an inpainting or instruct-pix2pix UNet)"),
+         f"have {v.latent_channels} (an inpainting, instruct-pix2pix, depth or upscaler UNet)"),
         (getattr(v, "latents_mean", None) is not None or getattr(v, "latents_std", None) is not None,
          "vae has latents_mean/latents_std (Playground-style latent normalisation)"),
     ]
@@ -295,7 +295,8 @@ def first_line(e: BaseException) -> str:
 
 
 def hash_files(files: list[Path]) -> str:
-    """sha256 over the weight files' bytes, streamed (a 3.4 GB UNet takes a few seconds)."""
+    """sha256 over the files' names and bytes (weights and configs: weight_files), streamed (a 3.4 GB UNet takes
+    a few seconds)."""
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())

@@ -307,19 +307,19 @@ def _x0_row(x0_of, c_x0: float, sample: float, model: float, clip, **kw) -> _Row
 
 
 def _in_range(ts: np.ndarray, cfg: dict, n: int) -> np.ndarray:
-    """ts, or an error where leading spacing's steps_offset pushes the first timestep past T - 1 (diffusers:
-    IndexError): DDIM and PNDM index alphas_cumprod with it."""
+    """An error where leading spacing's steps_offset pushes a timestep that runs (ts: the kept ones) past T - 1
+    (diffusers: IndexError): DDIM and PNDM index alphas_cumprod with it."""
     if ts.max() >= cfg["num_train_timesteps"]:
         raise SdrtError(f"{n} steps with timestep_spacing {cfg['timestep_spacing']} and steps_offset "
                         f"{cfg['steps_offset']} start at timestep {int(ts.max())}, past the model's "
                         f"{cfg['num_train_timesteps']} training timesteps: use fewer steps")
-    return ts
 
 
 def _ddim(name, cfg, n, start):
     ac = _alphas_cumprod(cfg).tolist()
     final = 1.0 if cfg["set_alpha_to_one"] else ac[0]
-    ts = _in_range(_spaced(cfg, n), cfg, n).astype(np.int64)
+    ts = _spaced(cfg, n).astype(np.int64)
+    _in_range(ts[start:], cfg, n)
     clip = cfg["clip_sample_range"] if cfg["clip_sample"] else None
     rows = []
     for t in ts[start:].tolist():
@@ -337,9 +337,10 @@ def _ddim(name, cfg, n, start):
 def _pndm(name, cfg, n, start):
     ac = _alphas_cumprod(cfg).tolist()
     final = 1.0 if cfg["set_alpha_to_one"] else ac[0]
-    asc = _in_range(_spaced(cfg, n), cfg, n)[::-1]
+    asc = _spaced(cfg, n)[::-1]
     # PLMS timesteps: the second one is repeated (a warm-up predictor-corrector pair), so S = n + 1 for n > 1.
     ts = np.concatenate([asc[:-1], asc[-2:-1], asc[-1:]])[::-1].astype(np.int64)[start:]
+    _in_range(ts, cfg, n)  # the corrector's t + T/n is the kept step before it: in range with them
     ratio = cfg["num_train_timesteps"] // n
     # Adams-Bashforth weights over the kept outputs, newest first, by how many diffusers keeps.
     ab = {1: (1.0,), 2: (1.5, -0.5), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}

@@ -219,6 +219,16 @@ def test_variants_that_are_not_the_model_are_refused(files, tmp_path, capsys, na
     assert err.count("\n") == 1 and "Traceback" not in err  # no library warnings before the line either
 
 
+def test_a_baked_in_vaes_training_leftovers_are_ignored(files, tmp_path):
+    # merges that bake in a standalone VAE file carry its discriminator loss and EMA counter (an int)
+    path = _edited(files, tmp_path, "tiny", lambda sd: sd.update({
+        V + "loss.discriminator.main.0.weight": torch.zeros(8, 3, 4, 4), V + "loss.logvar": torch.zeros(()),
+        V + "model_ema.num_updates": torch.tensor(1000, dtype=torch.int32), V + "model_ema.decay": torch.tensor(0.9)}))
+    c = load_single_file(path)
+    want = files["tiny"][0].vae.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in c.vae.state_dict().items())
+
+
 def test_marker_keys_set_the_prediction_and_zero_snr(files, tmp_path):
     # ComfyUI saves v-prediction and zero-terminal-SNR models with these empty marker tensors
     path = _edited(files, tmp_path, "tiny-sdxl", lambda sd: sd.update(v_pred=torch.zeros(0), ztsnr=torch.zeros(0)))

@@ -202,8 +202,9 @@ def _folder_with(tmp_path, tiny_folder, unet=None, vae=None):
 @pytest.mark.parametrize("unet, vae, message", [
     ({"time_cond_proj_dim": 32}, None, "an LCM-distilled UNet"),
     ({"in_channels": 9}, None, "unet takes 9 input channels where the VAE's latents have 4"),
+    ({"num_class_embeds": 10}, None, "unet has a class embedding"),  # the x4 upscaler's noise-level embedding
     (None, {"latents_mean": [0.1] * 4, "latents_std": [0.9] * 4}, "vae has latents_mean/latents_std"),
-], ids=["lcm unet", "inpainting unet", "latents mean"])
+], ids=["lcm unet", "inpainting unet", "class embedding", "latents mean"])
 def test_variants_with_another_pipeline_are_refused(tmp_path, tiny_folder, capsys, unet, vae, message):
     # each once ran as plain text-to-image: 38 dB (LCM), a VAE error (9 channels), 30 dB from diffusers (latents_mean)
     model = _folder_with(tmp_path, tiny_folder, unet, vae)

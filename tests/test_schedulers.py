@@ -271,6 +271,13 @@ def test_errors_are_one_clear_line(name, cfg, steps, strength, message):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("name", ["ddim", "pndm"])
+def test_img2img_that_never_reaches_the_offset_timestep_runs(name):
+    # 1000 leading steps with steps_offset 1 start at t = 1000 (refused above), but at strength 0.5 the steps that
+    # run start at t = 500: diffusers runs them, and so do we
+    check(name, "sd15", 1000, 0.5)
+
+
 @pytest.mark.parametrize("spacing, n", [("linspace", 1000), ("leading", 999)])
 def test_dpm_after_a_repeated_sigma_steps_first_order(spacing, n):
     # A repeated sigma (linspace rounds two of its 1001 points to one timestep; leading + steps_offset 1 starts at

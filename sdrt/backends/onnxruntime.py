@@ -79,8 +79,9 @@ def refuse_foreign_export(onnx_dir: Path, components, precision: Precision) -> N
         raise SdrtError(f"{onnx_dir} holds a {m.get('precision')} export, not {precision.value}: pass another "
                         "--onnx-dir (or none, to use the cache)")
     if m.get("model", {}).get("source_hash") != components.source_hash:
-        raise SdrtError(f"{onnx_dir} holds an export of other weights ({m.get('model', {}).get('name')}): pass "
-                        "another --onnx-dir (or none, to use the cache)")
+        raise SdrtError(f"{onnx_dir} holds an export of other weights ({m.get('model', {}).get('name')}; or of "
+                        "these before their weights or configs changed): pass another --onnx-dir (or none, to use "
+                        "the cache), or delete it to export again")
 
 
 def manifest_matches(onnx_dir: Path, components, precision: Precision) -> bool:
