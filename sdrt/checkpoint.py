@@ -44,6 +44,9 @@ SDXL_MARKER = "conditioner.embedders.1."
 # A standalone VAE file's training leftovers, which merges that bake one in carry along (A1111 and ComfyUI skip
 # them too): its discriminator loss and the EMA bookkeeping (an int num_updates).
 VAE_EXTRAS = (VAE_PREFIX + "loss.", VAE_PREFIX + "model_ema.")
+# What the LDM layout holds under each prefix (and SDXL's UNet label_emb: its add_embedding).
+KNOWN_GROUPS = {"unet": {"time_embed", "input_blocks", "middle_block", "out", "output_blocks"},
+                "vae": {"encoder", "decoder", "quant_conv", "post_quant_conv"}}
 
 
 def load_single_file(path: Path, arch: str | None = None) -> Components:
@@ -90,14 +93,13 @@ def load_single_file(path: Path, arch: str | None = None) -> Components:
             converted = convert(fn, sd, dict(config))
         except SdrtError as e:
             raise SdrtError(f"{path}: {what}: {e}") from None
-        load_strict(path, what, module, converted, load=False)  # missing keys and wrong shapes first
+        load_strict(path, what, module, converted)  # missing keys and wrong shapes are named first
         # the converters rename one to one and skip what the architecture has no place for
         if (n := sum(k.startswith(prefix) for k in sd)) > len(converted):
             known = KNOWN_GROUPS[what] | ({"label_emb"} if what == "unet" and spec.family is Family.SDXL else set())
             groups = sorted({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)} - known)
             raise SdrtError(f"{path}: {what}: {n - len(converted)} of its {n} tensors have no place in '{arch}'"
                             + (f" ({', '.join(groups[:3])})" if groups else "") + ": a variant sdrt cannot run")
-        load_strict(path, what, module, converted)
     for i, (prefix, te) in enumerate(zip(TEXT_PREFIXES[spec.family], text_encoders)):
         what = "text_encoder" + ("_2" if i else "")
         try:
@@ -109,11 +111,6 @@ def load_single_file(path: Path, arch: str | None = None) -> Components:
         load_strict(path, what, te, converted)
     return Components(path.stem, spec.family, tokenizers, text_encoders, unet, vae, scheduler,
                       spec.default_size, str(path), hash_files([path]), preset_defaults(spec))
-
-
-# What the LDM layout holds under each prefix (and SDXL's UNet label_emb: its add_embedding).
-KNOWN_GROUPS = {"unet": {"time_embed", "input_blocks", "middle_block", "out", "output_blocks"},
-                "vae": {"encoder", "decoder", "quant_conv", "post_quant_conv"}}
 
 
 def marked_scheduler(path: Path, sd: dict, preset: dict) -> dict:
@@ -205,11 +202,10 @@ def mismatch(expected: dict[str, tuple], got: dict[str, torch.Tensor]) -> str | 
     return "; ".join(parts) or None
 
 
-def load_strict(path: Path, what: str, module: torch.nn.Module, sd: dict, load: bool = True) -> None:
+def load_strict(path: Path, what: str, module: torch.nn.Module, sd: dict) -> None:
     if problems := mismatch({k: tuple(v.shape) for k, v in module.state_dict().items()}, sd):
         raise SdrtError(f"{path}: {what}: {problems}")
-    if load:
-        module.load_state_dict(sd, strict=True)  # copies (and casts fp16/bf16 files) into the fp32 parameters
+    module.load_state_dict(sd, strict=True)  # copies (and casts fp16/bf16 files) into the fp32 parameters
 
 
 def load_tokenizers(folder: Path, n: int) -> list:

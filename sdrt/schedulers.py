@@ -306,7 +306,7 @@ def _x0_row(x0_of, c_x0: float, sample: float, model: float, clip, **kw) -> _Row
     return _Row(sample=(sample + c_x0 * x0_of[0],), model=(model + c_x0 * x0_of[1],), **kw)
 
 
-def _in_range(ts: np.ndarray, cfg: dict, n: int) -> np.ndarray:
+def _in_range(ts: np.ndarray, cfg: dict, n: int) -> None:
     """An error where leading spacing's steps_offset pushes a timestep that runs (ts: the kept ones) past T - 1
     (diffusers: IndexError): DDIM and PNDM index alphas_cumprod with it."""
     if ts.max() >= cfg["num_train_timesteps"]:
@@ -449,7 +449,9 @@ def _dpmpp_2m(name, cfg, n, start):
             cfg["euler_at_final"] or (cfg["lower_order_final"] and steps < 15) or cfg["final_sigmas_type"] == "zero"
         )
         noise_in = (a_s, s_s)
-        if j == start or final:  # first order (DPM-Solver++ 1 = DDIM): no history yet, or the last step
+        # first order (DPM-Solver++ 1 = DDIM): no history yet, the last step, or the step after a null one (a sigma
+        # repeated, as at 999 leading steps: nothing to extrapolate from; diffusers divides by r0 = 0, NaN)
+        if j == start or final or sig[j - 1] == sig[j]:
             rows.append(_Row(sample=(s_t / s_s + big_a * x0[0],), model=(big_a * x0[1],), noise_in=noise_in))
             continue
         # second order: D0 = x0_j, D1 = (x0_j - x0_{j-1}) / r0, r0 = h_{j-1} / h_j
@@ -458,10 +460,6 @@ def _dpmpp_2m(name, cfg, n, start):
             rows.append(_Row(sample=(1.0,), model=(0.0,), noise_in=noise_in))
             continue
         r0 = math.log(sig[j - 1] / sig[j]) / h
-        if r0 == 0.0:  # the step before was a null one (a sigma repeated: 999 leading steps): no history to
-            # extrapolate from, so first order, as at the start (diffusers divides by r0 = 0: NaN)
-            rows.append(_Row(sample=(s_t / s_s + big_a * x0[0],), model=(big_a * x0[1],), noise_in=noise_in))
-            continue
         if cfg["solver_type"] == "midpoint":
             d1 = 0.5 * big_a  # x_t = ... + 0.5 * big_a * D1
         else:  # heun
