@@ -268,6 +268,21 @@ def _timing_cache(engine_dir: Path, manifest: dict, builder: Builder, log) -> by
     return data if hashlib.sha256(data).hexdigest() == meta.get("sha256") else None
 
 
+def _check_partial(engine_dir: Path, manifest: dict, done: dict, building: set[str]) -> None:
+    """engines.json records one precision, CFG setting and bucket list for the whole directory (the backend
+    refuses requests by them before any work). A --components build that changed them while other
+    engines stay as they were would make that record wrong for the engines it did not touch."""
+    kept = sorted(set(manifest["engines"]) - building)
+    if not kept:
+        return
+    changed = [f"{k} {manifest[k]} -> {done[k]}" for k in ("precision", "cfg", "profiles")
+               if k in manifest and manifest[k] != done[k]]
+    if changed:
+        raise SdrtError(f"{engine_dir}: the {', '.join(kept)} engine(s) stay as built, so this --components build "
+                        f"cannot change {'; '.join(changed)}: build every component (no --components) or use "
+                        "another -o")
+
+
 def build_engines(onnx_dir: Path, engine_dir: Path, options: BuildOptions, builder: Builder,
                   log: Callable[[str], None] = print) -> list[BuildRecord]:
     onnx_dir, engine_dir = Path(onnx_dir), Path(engine_dir)
@@ -281,6 +296,7 @@ def build_engines(onnx_dir: Path, engine_dir: Path, options: BuildOptions, build
         # what the whole directory was built for: recorded once every engine is done
         done = {"sdrt_version": __version__, "onnx_dir": str(onnx_dir.resolve()), "model": onnx_manifest.get("model"),
                 "precision": options.precision, "cfg": options.cfg, "profiles": [str(s) for s in options.profiles]}
+        _check_partial(engine_dir, manifest, done, {p.plan.name for p in planned})
         cache = _timing_cache(engine_dir, manifest, builder, log)
         records = []
         for i, p in enumerate(planned, 1):
@@ -377,7 +393,9 @@ class TensorRTBuilder:
             p = builder.create_optimization_profile()
             for name, r in prof.inputs.items():
                 p.set_shape(name, r.min, r.opt, r.max)
-            config.add_optimization_profile(p)
+            if config.add_optimization_profile(p) < 0:  # -1: invalid; later indices would no longer match the plan
+                raise SdrtError(f"TensorRT refused {plan.name}'s optimization profile {prof.name} (see its log "
+                                "above)")
         monitor = _progress_monitor(trt, log)
         if monitor is not None:
             config.progress_monitor = monitor
@@ -394,8 +412,11 @@ class TensorRTBuilder:
         if cuda_engine is None:
             raise SdrtError(f"TensorRT could not load the {plan.name} engine to refit it; rebuild with --force")
         refitter = trt.Refitter(cuda_engine, self.logger)
-        if not trt.OnnxParserRefitter(refitter, self.logger).refit_from_file(str(plan.onnx_path)):
-            raise SdrtError(f"TensorRT could not refit {plan.name} from {plan.onnx_path}; rebuild with --force")
+        parser = trt.OnnxParserRefitter(refitter, self.logger)
+        if not parser.refit_from_file(str(plan.onnx_path)):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)) or "no parser error"
+            raise SdrtError(f"TensorRT could not refit {plan.name} from {plan.onnx_path} ({errors}); rebuild with "
+                            "--force")
         missing = list(refitter.get_missing_weights())
         if missing:  # the ONNX file lacks weights the engine needs: a structure change the hash missed
             raise SdrtError(f"refitting {plan.name}: {len(missing)} weights missing (e.g. {missing[0]}); "

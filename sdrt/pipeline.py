@@ -127,7 +127,7 @@ class Pipeline:
         r = replace(r, height=r.height or self.info.default_size, width=r.width or self.info.default_size)
         check_request(r, m, lo, hi)
         if hasattr(self.backend, "check_size"):  # engines built for shape ranges (TensorRT's profiles)
-            self.backend.check_size(r.height, r.width, len(r.prompts) * r.batch)
+            self.backend.check_size(r.height, r.width, len(r.prompts) * r.batch, guided=r.guidance > 1.0)
         return r
 
     def generate(self, request: GenerationRequest, progress=None) -> GenerationResult:

@@ -36,6 +36,9 @@ def tensorrt_available() -> tuple[bool, str]:
                       + INSTALL_HINT.split(": ", 1)[1]
     if not hasattr(trt, "Builder"):  # a bare directory named tensorrt on sys.path imports as a namespace package
         return False, INSTALL_HINT
+    if str(trt.__version__).split(".")[0] != "10":  # 8.x lacks the runtime's calls; 11 drops weak typing (FP16)
+        return False, f"TensorRT {trt.__version__} is installed; sdrt runs TensorRT 10.x: `pip install " \
+                      "'tensorrt>=10,<11'`"
     import torch
 
     if not torch.cuda.is_available():
@@ -86,10 +89,13 @@ class _Slot:
         else:
             self.context.device_memory = scratch.data_ptr()
         stream = torch.cuda.current_stream(owner.device).cuda_stream
-        # Both return False rather than raise (TensorRT logs why): chosen to fit, a refusal here is a mismatch
-        # between engines.json and the engine, which must not run on the previous call's shapes.
-        if not self.context.set_optimization_profile_async(profile, stream):  # shared profile: TensorRT >= 8.6
-            raise SdrtError(f"{owner.name}: TensorRT refused optimization profile {profile}")
+        # Chosen to fit, a refusal here is a mismatch between engines.json and the engine, which must not run on
+        # the previous call's shapes. The profile call raises RuntimeError on refusal (its binding asserts);
+        # set_input_shape returns False (TensorRT logs why).
+        try:
+            self.context.set_optimization_profile_async(profile, stream)  # a shared profile: TensorRT >= 8.6
+        except RuntimeError as e:
+            raise SdrtError(f"{owner.name}: TensorRT refused optimization profile {profile} ({e})") from None
         for name, shape in shapes.items():
             if not self.context.set_input_shape(name, shape):
                 raise SdrtError(f"{owner.name}: TensorRT refused {name} {shape} on profile {profile}")
@@ -210,6 +216,7 @@ class TensorRTBackend:
         self.model = manifest.get("model") or {}
         self.profiles = manifest.get("profiles", [])
         self.precision = manifest.get("precision", "fp16")
+        self.cfg = manifest.get("cfg", True)
         # int8 engines quantize weights; activations stay fp16. Outputs keep each engine's I/O dtype.
         self.dtype = torch.float32 if self.precision == "fp32" else torch.float16
         if self.device.type != "cuda":
@@ -252,12 +259,21 @@ class TensorRTBackend:
 
         return bucket_for([parse_profile(p) for p in self.profiles], height, width, batch)
 
-    def check_size(self, height: int, width: int, images: int) -> None:
+    def check_size(self, height: int, width: int, images: int, guided: bool = False) -> None:
         """The pipeline asks before any work: a request no profile serves is refused here, not at the UNet after
         the text encoders ran. (An engines.json without its profiles, from a build that did not finish, has none
-        to ask: the engines themselves refuse then.)"""
-        if self.profiles:
-            self.bucket(height, width, images)
+        to ask: the engines themselves refuse then.) Engines built with --no-cfg take guided requests only at
+        half their batch: each image's two UNet rows count as two."""
+        if not self.profiles:
+            return
+        if guided and not self.cfg:
+            try:
+                self.bucket(height, width, 2 * images)
+            except SdrtError:
+                raise SdrtError(f"{self.engine_dir} was built with --no-cfg: {images} guided image(s) need UNet "
+                                f"batch {2 * images}, outside its profiles ({', '.join(self.profiles)}); use "
+                                "--guidance 1, or rebuild without --no-cfg") from None
+        self.bucket(height, width, images)
 
     def text_encoder(self, index: int, input_ids):
         return self._engine(component_name(index))({"input_ids": input_ids.to(self.device)})

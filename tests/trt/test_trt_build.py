@@ -108,6 +108,26 @@ def test_new_resolution_rebuilds_unet_and_vae_but_not_the_text_encoder(tmp_path,
     assert [p["name"] for p in m["engines"]["text_encoder"]["profiles"]] == ["64x64@1-2|128x128@1-2"]
 
 
+@pytest.mark.parametrize("change,message", [
+    ({"precision": "fp32"}, "precision fp16 -> fp32"),
+    ({"cfg": False}, "cfg True -> False"),
+    ({"profiles": parse_profiles(["64x64@1-2", "128x128@1"], 64)}, r"profiles \['64x64@1-2'\] -> "),
+])
+def test_a_partial_build_cannot_change_what_the_directory_is_built_for(tmp_path, onnx_dir, fake_builder, change,
+                                                                       message):
+    # engines.json's precision, cfg and profiles speak for every engine; the backend refuses requests by them
+    engines = tmp_path / "engines"
+    build(onnx_dir, engines, fake_builder())
+    before = manifest(engines)
+    fb = fake_builder()
+    with pytest.raises(SdrtError, match=f"text_encoder, vae_decoder, vae_encoder engine.*{message}"):
+        build(onnx_dir, engines, fb, components=("unet",), **change)
+    assert fb.calls == [] and manifest(engines) == before
+    build(onnx_dir, engines, fake_builder(), **change)  # without --components the whole directory may change
+    (field, value), = change.items()
+    assert manifest(engines)[field] == ([str(p) for p in value] if field == "profiles" else value)
+
+
 @pytest.mark.parametrize("change,reason", [
     ({"trt_version": "10.3.0"}, "TensorRT version changed (10.0.1 -> 10.3.0)"),
     ({"compute_capability": "8.6"}, "GPU changed (8.9 -> 8.6)"),

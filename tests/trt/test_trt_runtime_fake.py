@@ -110,8 +110,10 @@ class FakeContext:
     device_memory = property(None, lambda self, ptr: setattr(self, "memory", (ptr, None)))
 
     def set_optimization_profile_async(self, index, stream):
+        if not 0 <= index < len(self.engine.profiles):  # the binding asserts: RuntimeError, never False
+            raise RuntimeError("Error in set optimization profile async.")
         self.profile, self.shapes = index, {}  # a profile change drops the input shapes
-        return 0 <= index < len(self.engine.profiles)
+        return True
 
     def set_input_shape(self, name, shape):
         r = self.engine.profiles[self.profile]["inputs"][name]
@@ -206,9 +208,9 @@ def cuda(monkeypatch):
 @pytest.fixture
 def engines(tmp_path, monkeypatch, make_onnx_dir, fake_builder, cuda):
     """make(profiles, precision, family, **fake) -> (engine dir, fake tensorrt), the fake installed."""
-    def make(profiles=("64x64@1-2",), precision="fp16", family="sd1", **fake):
+    def make(profiles=("64x64@1-2",), precision="fp16", family="sd1", cfg=True, **fake):
         onnx = make_onnx_dir(tmp_path / "onnx", precision=precision, family=family)
-        options = BuildOptions(precision=precision, profiles=parse_profiles(list(profiles), 64))
+        options = BuildOptions(precision=precision, profiles=parse_profiles(list(profiles), 64), cfg=cfg)
         build_engines(onnx, onnx / "tensorrt", options, fake_builder(), log=lambda s: None)
         monkeypatch.setitem(sys.modules, "tensorrt", trt := fake_tensorrt(cuda, sdxl=family == "sdxl", **fake))
         return onnx / "tensorrt", trt
@@ -332,6 +334,14 @@ def test_a_shape_the_engine_refuses_is_an_error_not_a_run(engines, monkeypatch):
         be.unet(**unet_feeds(batch=2))
 
 
+def test_a_profile_the_engine_lacks_is_an_error_not_a_run(engines, monkeypatch):
+    # engines.json listing a profile the engine does not have (a hand-edited or mismatched manifest)
+    be = backend(engines()[0])
+    monkeypatch.setattr("sdrt.export.trt_profiles.select_profile", lambda *a: 3)
+    with pytest.raises(SdrtError, match=r"unet: TensorRT refused optimization profile 3 \(Error in set"):
+        be.unet(**unet_feeds(batch=2))
+
+
 def test_an_address_the_engine_refuses_is_an_error_not_a_run(engines, monkeypatch):
     be = backend(engines()[0])
     monkeypatch.setattr(FakeContext, "set_tensor_address", lambda self, name, ptr: name != "noise_pred")
@@ -375,6 +385,32 @@ def test_a_pipeline_over_the_engines_matches_the_model_run_directly(tiny, engine
     with pytest.raises(SdrtError, match=r"64x64 at batch 4 is outside every engine profile \(64x64@1-2\)"):
         Pipeline.from_components(tiny, backend(engine_dir)).generate(replace(r, batch=2))
     assert trt.ran == []
+
+
+def test_engines_built_without_cfg_refuse_guided_requests_past_half_their_batch(tiny, engines):
+    from sdrt.pipeline import GenerationRequest, Pipeline
+
+    engine_dir, trt = engines(cfg=False)
+    pipe = Pipeline.from_components(tiny, backend(engine_dir))
+    r = GenerationRequest(prompt=("a cat", "a dog"), steps=2, guidance=7.5, height=64, width=64)
+    with pytest.raises(SdrtError, match=r"built with --no-cfg: 2 guided image\(s\) need UNet batch 4, outside its "
+                                        r"profiles \(64x64@1-2\); use --guidance 1"):
+        pipe.generate(r)
+    assert trt.ran == []  # refused before the text encoders
+    assert pipe.generate(GenerationRequest(prompt="a cat", steps=2, guidance=7.5, height=64, width=64)).pixels.shape
+    assert pipe.generate(GenerationRequest(prompt=("a cat", "a dog"), steps=2, guidance=1.0, height=64,
+                                           width=64)).pixels.shape[0] == 2
+
+
+@pytest.mark.parametrize("version", ["8.6.1", "11.0.0"])
+def test_only_tensorrt_10_is_taken(cuda, monkeypatch, version):
+    from sdrt.backends.tensorrt import tensorrt_available
+
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(cuda, version=version))
+    assert tensorrt_available() == (False, f"TensorRT {version} is installed; sdrt runs TensorRT 10.x: `pip install "
+                                           "'tensorrt>=10,<11'`")
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(cuda, version="10.13.2"))
+    assert tensorrt_available() == (True, "TensorRT 10.13.2 on Fake GPU")
 
 
 def test_loading_refuses_what_it_cannot_run(engines, monkeypatch):
