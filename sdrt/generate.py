@@ -55,7 +55,7 @@ def run(args) -> int:
     import torch
 
     from sdrt import __version__
-    from sdrt.backends import Backend, Precision, make_backend, parse_spec
+    from sdrt.backends import Backend, Precision, make_backend, parse_spec, preflight
     from sdrt.errors import SdrtError
     from sdrt.image import load_image, output_paths, save_png
     from sdrt.pipeline import GenerationRequest, Pipeline, check_request
@@ -81,6 +81,7 @@ def run(args) -> int:
     check_request(request)  # bad input fails here, before a model is loaded or exported
     paths = output_paths(args.output, batch)
     spec = parse_spec(args.backend, args.device)
+    preflight(spec, args.device)  # before the model is loaded or exported: a wrong spec fails in a second
 
     from sdrt.models import load_model
 

@@ -20,3 +20,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_export_cache(tmp_path_factory):
+    """Exports the tests make without an explicit $SDRT_CACHE land in the session's temp dir, never in the user's
+    ~/.cache/sdrt (where a stale entry would also make a test pass for the wrong reason). Tests that need an empty
+    cache set their own."""
+    path = tmp_path_factory.getbasetemp() / "sdrt-cache"
+    path.mkdir(exist_ok=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SDRT_CACHE", str(path))
+        yield path

@@ -144,7 +144,7 @@ def test_empty_prompt_is_unconditional_and_long_prompts_warn(tmp_path, capsys):
     (["--device", "foo"], "unknown device 'foo'"),
     (["--device", "cuda:9"], "device 'cuda:9': "),  # no CUDA here, or fewer GPUs
     (["-n", "\udcff"], "negative prompt .* is not valid UTF-8"),  # a byte the terminal could not decode
-    (["--init-image", "ONE_PIXEL"], "the init image is 1x1 pixels"),
+    (["--init-image", "ONE_PIXEL", "--backend", "eager"], "the init image is 1x1 pixels"),  # eager: no export
     (["--params-from", "ILL_TYPED"], "its seed is True \\(bool, not int\\)"),
     (["-o", "A_DIR.png"], "is a directory"),
     (["-o", "A_FILE/x.png"], "is not a directory"),

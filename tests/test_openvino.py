@@ -126,3 +126,65 @@ def test_int8_runs_the_qdq_export(onnx_dir, tmp_path):
     want = Pipeline.from_components(components, make_backend("eager", components=components)).generate(r)
     got = Pipeline.from_components(components, make_backend("openvino:int8", onnx_dir=int8_dir)).generate(r)
     assert psnr(got.pixels, want.pixels) > 25  # int8 UNet (+ bf16 elsewhere on this CPU): the export's gate is 30
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--backend", "openvino:fp16"], "openvino runs fp32, bf16 or int8 on the CPU, not fp16"),
+    (["--backend", "openvino", "--device", "foo"], r"unknown device 'foo' (cpu, cuda or cuda:N)"),
+    (["--backend", "openvino", "--device", "cuda"], "the openvino backend runs on the CPU, not cuda"),
+])
+def test_a_spec_openvino_cannot_run_fails_before_the_export(tmp_path, monkeypatch, capsys, argv, message):
+    from sdrt.cli import main
+
+    monkeypatch.setenv("SDRT_CACHE", str(tmp_path / "cache"))
+    assert main(["generate", "tiny", "a cat", "--steps", "1", "-o", str(tmp_path / "x.png"), *argv]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"sdrt generate: error: {message}" and not (tmp_path / "cache").exists()  # nothing exported
+
+
+def copy_export(onnx_dir, dest, edit):
+    import json
+    import shutil
+
+    shutil.copytree(onnx_dir, dest)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    edit(manifest, dest)
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    return dest
+
+
+def test_a_broken_export_is_refused_by_name(onnx_dir, tmp_path):
+    def swap(m, d):  # the manifest names the decoder's graph for the UNet and the other way round
+        c = m["components"]
+        c["unet"], c["vae_decoder"] = c["vae_decoder"], c["unet"]
+
+    def corrupt(m, d):  # same size, not a graph
+        path = d / m["components"]["unet"]["file"]
+        path.write_bytes(b"\x07" * path.stat().st_size)
+
+    for edit, message in [(swap, r"vae_decoder.onnx: takes latent, not the inputs given \(encoder_hidden_states, "
+                                 r"sample, timestep\); re-export"), (corrupt, r"unet.onnx: OpenVINO cannot load it: ")]:
+        ov = OpenVINOBackend(copy_export(onnx_dir, tmp_path / edit.__name__, edit), "fp32")
+        with pytest.raises(SdrtError, match=message) as e:
+            ov.unet(torch.randn(1, 4, 8, 8), torch.tensor([10.0]), torch.randn(1, 77, 64))
+        assert "\n" not in str(e.value)
+    partial = copy_export(onnx_dir, tmp_path / "partial", lambda m, d: m["components"].pop("text_encoder"))
+    with pytest.raises(SdrtError, match="partial export, missing text_encoder"):
+        OpenVINOBackend(partial, "fp32")
+
+
+def test_an_export_of_other_weights_is_refused(onnx_dir):
+    import types
+
+    with pytest.raises(SdrtError, match="exported from other weights than the model given"):
+        make_backend("openvino:fp32", components=types.SimpleNamespace(source_hash="other"), onnx_dir=onnx_dir)
+
+
+def test_sizes_follow_the_export(components, onnx_dir):
+    # tiny's graphs serve 32 px (its manifest's min_size), below the pipeline's default floor of 64, as on onnxruntime
+    from sdrt.pipeline import GenerationRequest, Pipeline
+
+    r = GenerationRequest(prompt="a red cube", steps=1, seed=1, height=32, width=40)
+    for spec in ("openvino:fp32", "onnxruntime"):
+        assert Pipeline.from_components(components, make_backend(spec, onnx_dir=onnx_dir)).generate(r).pixels.shape \
+            == (1, 32, 40, 3)

@@ -103,15 +103,26 @@ def auto_backend(device=None) -> Backend:
     return Backend.ONNXRUNTIME
 
 
+def _module(spec: BackendSpec):
+    try:
+        return importlib.import_module(MODULES[spec.backend])
+    except ImportError as e:
+        raise SdrtError(f"backend {spec.backend.value} is not available: {e}") from None
+
+
 def make_backend(spec: str | BackendSpec, components=None, onnx_dir=None, device=None):
     """Build the backend named by `spec` over `components` (PyTorch modules) and/or `onnx_dir` (exported graphs)."""
     if not isinstance(spec, BackendSpec):
         spec = parse_spec(spec, device)
-    try:
-        module = importlib.import_module(MODULES[spec.backend])
-    except ImportError as e:
-        raise SdrtError(f"backend {spec.backend.value} is not available: {e}") from None
-    return module.create(spec.precision, components=components, onnx_dir=onnx_dir, device=device)
+    return _module(spec).create(spec.precision, components=components, onnx_dir=onnx_dir, device=device)
+
+
+def preflight(spec: BackendSpec, device=None) -> None:
+    """What a backend can refuse without a model (its runtime missing, a precision or device it does not run), for
+    callers to ask before they load or export one. A module may define `preflight(precision, device)`."""
+    module = _module(spec)
+    if hasattr(module, "preflight"):
+        module.preflight(spec.precision, device)
 
 
 def default_device(device=None):

@@ -37,6 +37,26 @@ def create(precision: Precision | None, components=None, onnx_dir=None, device=N
     return OnnxRuntimeBackend(onnx_dir, precision, device, expect_hash=getattr(components, "source_hash", None))
 
 
+def preflight(precision=None, device=None) -> None:
+    """The checks that need no model (sdrt.backends.preflight): onnxruntime, and its CUDA provider on a GPU."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise SdrtError("the onnxruntime backend needs onnxruntime: pip install onnxruntime") from None
+    if default_device(device).type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise SdrtError("onnxruntime has no CUDA provider here: install onnxruntime-gpu, or use --device cpu")
+
+
+def size_bounds(onnx_dir: Path, manifest: dict) -> tuple[int, int]:
+    """(size_multiple, min_size) in pixels that the export's graphs serve, from its manifest."""
+    bounds = {**manifest.get("model", {}), **manifest}  # wherever the exporter put them
+    multiple, min_size = bounds.get("size_multiple", 8), bounds.get("min_size", 64)
+    for key, v in (("size_multiple", multiple), ("min_size", min_size)):
+        if type(v) is not int or v < 8 or v % 8:  # a hand-edited manifest: "abc", 0, 12
+            raise SdrtError(f"{onnx_dir}: the manifest's {key} is {v!r}, not a multiple of 8; re-export")
+    return multiple, min_size
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("SDRT_CACHE") or Path.home() / ".cache" / "sdrt").expanduser()
 
@@ -153,14 +173,9 @@ class OnnxRuntimeBackend:
         self.precision = precision
         self.device = default_device(device)
         self.dtype = precision.torch_dtype
-        bounds = {**self.manifest.get("model", {}), **self.manifest}  # size bounds, wherever the exporter put them
-        self.size_multiple, self.min_size = bounds.get("size_multiple", 8), bounds.get("min_size", 64)
-        for key, v in (("size_multiple", self.size_multiple), ("min_size", self.min_size)):
-            if type(v) is not int or v < 8 or v % 8:  # a hand-edited manifest: "abc", 0, 12
-                raise SdrtError(f"{self.onnx_dir}: the manifest's {key} is {v!r}, not a multiple of 8; re-export")
+        self.size_multiple, self.min_size = size_bounds(self.onnx_dir, self.manifest)
+        preflight(precision, self.device)
         if self.device.type == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise SdrtError("onnxruntime has no CUDA provider here: install onnxruntime-gpu, or use --device cpu")
             self.providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0}), "CPUExecutionProvider"]
         else:
             self.providers = ["CPUExecutionProvider"]

@@ -40,13 +40,37 @@ def cpu_precision_default() -> str:
     return {"bf16": "bf16", "f16": "fp16"}.get(hint, "fp32")
 
 
+def preflight(precision=None, device=None):
+    """The checks that need no model (device, OpenVINO installed, precision and the CPU's support for it): the CLI
+    runs them before it loads or exports a model, so a wrong spec fails in a second, not after an export.
+    Returns the ov.Core."""
+    if device is not None:
+        try:
+            kind = torch.device(device).type
+        except (RuntimeError, TypeError):
+            raise SdrtError(f"unknown device {device!r} (cpu, cuda or cuda:N)") from None
+        if kind != "cpu":
+            raise SdrtError(f"the openvino backend runs on the CPU, not {device}")
+    try:
+        import openvino as ov
+    except ImportError:
+        raise SdrtError("the openvino backend needs OpenVINO: pip install 'sdrt[openvino]'") from None
+    precision = getattr(precision, "value", precision)
+    if precision not in HINTS:
+        raise SdrtError(f"openvino runs fp32, bf16 or int8 on the CPU, not {precision}")
+    core = ov.Core()
+    if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        raise SdrtError("openvino:bf16 needs a CPU with bf16 units (AVX512-BF16, AMX or AVX2-VNNI-2); this one has "
+                        "none")
+    return core
+
+
 def create(precision=None, components=None, onnx_dir=None, device=None) -> OpenVINOBackend:
     """The backends' factory signature. precision None keeps OpenVINO's default (see the top of this file)."""
     if onnx_dir is None:
         raise SdrtError("the openvino backend reads an ONNX export: run `sdrt export MODEL -o DIR` and pass DIR")
-    if device is not None and torch.device(device).type != "cpu":
-        raise SdrtError(f"the openvino backend runs on the CPU, not {device}")
-    return OpenVINOBackend(onnx_dir, precision)
+    preflight(precision, device)
+    return OpenVINOBackend(onnx_dir, precision, expect_hash=getattr(components, "source_hash", None))
 
 
 class _Graph:
@@ -59,12 +83,21 @@ class _Graph:
         self.dynamic = None if static_shapes else self._compile(None)
 
     def _compile(self, shapes: dict | None) -> tuple:
-        model = str(self.path)
-        if shapes:
-            model = self.core.read_model(model)
-            model.reshape(shapes)
-        compiled = self.core.compile_model(model, "CPU", self.config)
-        return compiled, compiled.create_infer_request()
+        try:
+            model = str(self.path)
+            if shapes:
+                model = self.core.read_model(model)
+                takes = sorted(n for port in model.inputs for n in port.get_names())
+                if not set(shapes) <= set(takes):  # a manifest naming another graph for this component
+                    raise SdrtError(f"{self.path}: takes {', '.join(takes)}, not the inputs given "
+                                    f"({', '.join(shapes)}); re-export")
+                model.reshape(shapes)
+            compiled = self.core.compile_model(model, "CPU", self.config)
+            return compiled, compiled.create_infer_request()
+        except RuntimeError as e:  # OpenVINO's: "Exception from src/...cpp:N:" then the reason, on later lines
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            reason = next((line for line in lines if not line.startswith("Exception from")), type(e).__name__)
+            raise SdrtError(f"{self.path}: OpenVINO cannot load it: {reason}") from None
 
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.dynamic:
@@ -94,28 +127,28 @@ def _name(port, contract) -> str:
 
 class OpenVINOBackend:
     name = "openvino"
-    size_multiple = 8  # the VAE's 8x; the graphs keep their latent axes dynamic
 
-    def __init__(self, onnx_dir: str | Path, precision=None, static_shapes: bool = True):
-        try:
-            import openvino as ov
-        except ImportError:
-            raise SdrtError("the openvino backend needs OpenVINO: pip install 'sdrt[openvino]'") from None
-        from sdrt.export.onnx_manifest import load_manifest
+    def __init__(self, onnx_dir: str | Path, precision=None, static_shapes: bool = True,
+                 expect_hash: str | None = None):
+        from sdrt.backends.onnxruntime import size_bounds
+        from sdrt.export.onnx_manifest import load_manifest, model_components
 
+        core = preflight(precision)
         precision = getattr(precision, "value", precision)
-        if precision not in HINTS:
-            raise SdrtError(f"openvino runs fp32, bf16 or int8 on the CPU, not {precision}")
-        core = ov.Core()
-        if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
-            raise SdrtError("openvino:bf16 needs a CPU with AVX512-BF16 or AMX (this one has neither)")
         self.onnx_dir = Path(onnx_dir)
         # File sizes only: hashing a 3.4 GB UNet on every start is too slow. txt2img needs no VAE encoder.
         manifest = load_manifest(self.onnx_dir, require=["unet", "vae_decoder"], verify_hashes=False)
+        missing = [c for c in model_components(manifest["model"]) if c not in manifest["components"]
+                   and c != "vae_encoder"]
+        if missing:
+            raise SdrtError(f"{self.onnx_dir}: partial export, missing {', '.join(missing)} (re-run `sdrt export`)")
         wanted = "int8" if precision == "int8" else "fp32"
         if manifest["precision"] != wanted:
             raise SdrtError(f"{onnx_dir}: openvino{':' + precision if precision else ''} reads the {wanted} export "
                             f"(this one is {manifest['precision']})")
+        if expect_hash and manifest["model"].get("source_hash") not in (None, expect_hash):
+            raise SdrtError(f"{onnx_dir} was exported from other weights than the model given; re-export it")
+        self.size_multiple, self.min_size = size_bounds(self.onnx_dir, manifest)
         config = {"PERFORMANCE_HINT": "LATENCY"}  # one request at a time, all cores on it
         if HINTS[precision]:
             config["INFERENCE_PRECISION_HINT"] = HINTS[precision]
