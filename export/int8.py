@@ -48,38 +48,55 @@ def export_int8(model, fp32_onnx_dir, out_dir, calibration_prompts=None, calibra
     pixels (default: the model's). max_samples: UNet calls kept for calibration (evenly over all trajectories).
     recipe: a name in RECIPES or an Int8Recipe. min_psnr, gate_seeds, gate_steps (default calibration_steps): the
     quality gate. force: write even if the gate fails, and redo an up-to-date export."""
-    from sdrt.export.int8_calibrate import resolve_prompts
+    from sdrt.export.int8_calibrate import check_max_samples, resolve_prompts
     from sdrt.export.int8_recipe import get_recipe
+    from sdrt.export.onnx_export import _clean_temp
     from sdrt.export.onnx_manifest import forget, load_manifest, read_manifest, write_manifest
+
+    from sdrt import __version__
 
     say = (lambda s: print(s, file=sys.stderr, flush=True)) if progress else (lambda s: None)
     recipe, prompts = get_recipe(recipe), resolve_prompts(calibration_prompts)
-    if not isinstance(calibration_steps, int) or calibration_steps < 1:
-        raise SdrtError(f"calibration steps must be an integer >= 1, got {calibration_steps!r}")
-    c = _components(model)
-    _check_size(c, size)  # before the fp32 export, which can take minutes
-    fp32_dir, src = _fp32_source(c, fp32_onnx_dir, say if progress else None)
+    for name, v in (("calibration steps", calibration_steps), ("gate steps", gate_steps or 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise SdrtError(f"{name} must be an integer >= 1, got {v!r}")
+    check_max_samples(max_samples)
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():  # before the fp32 export, which can take minutes
+        raise SdrtError(f"{out_dir} is a file, not a directory")
+    c = _components(model)
+    _check_size(c, size)
+    fp32_dir, src = _fp32_source(c, fp32_onnx_dir, say if progress else None)
     if out_dir.resolve() == fp32_dir.resolve():
         raise SdrtError("the int8 export needs its own directory (it links the fp32 graphs it does not change)")
     size = int(size or c.default_size)
+    # Everything the result depends on: an export is "up to date" only for the same fp32 graphs and weights (every
+    # component's, since the others are linked), calibration, recipe, gate and sdrt.
     settings = {"prompts": prompts, "steps": calibration_steps, "seed": seed, "size": size,
-                "max_samples": max_samples, "fp32_unet_sha256": src["components"]["unet"]["graph_sha256"],
-                "recipe": recipe.summary()}
+                "max_samples": max_samples, "recipe": recipe.summary(), "source_hash": src["model"]["source_hash"],
+                "fp32": {n: [e.get("graph_sha256"), e.get("weights_sha256")] for n, e in src["components"].items()},
+                "gate": {"min_psnr": min_psnr, "seeds": [int(s) for s in gate_seeds],
+                         "steps": gate_steps or calibration_steps},
+                "sdrt_version": __version__}
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SdrtError(f"cannot create {out_dir}: {e.strerror}") from None
     with export_lock(out_dir, say):
         old = read_manifest(out_dir)
-        if not force and old and old.get("precision") == "int8" and old.get("int8", {}).get("settings") == settings:
+        done = (old or {}).get("int8", {})
+        # a forced export that failed its gate is never taken as good by a later run without --force
+        if (not force and old and old.get("precision") == "int8" and done.get("settings") == settings
+                and done.get("quality_gate", {}).get("passed")):
             try:
                 load_manifest(out_dir, require=list(src["components"]))
-                say(f"{out_dir}: up to date (same fp32 UNet, prompts and recipe), nothing to do (--force redoes it)")
+                say(f"{out_dir}: up to date (same fp32 export, prompts, recipe and gate), nothing to do (--force "
+                    "redoes it)")
                 return old
             except SdrtError:
                 pass
 
+        _clean_temp(out_dir)  # a killed export's copy of the fp32 UNet (3.4 GB for sd15)
         t0 = time.perf_counter()
         tmp = out_dir / f"{TMP_PREFIX}{os.getpid()}-int8"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -288,6 +305,7 @@ def _write(src: dict, fp32_dir: Path, out_dir: Path, tmp: Path, report: dict, ga
     comps["unet"] = u
     order = [n for n in src["components"] if n in comps]
     return {**{k: v for k, v in src.items() if k != "components"}, "precision": "int8",
+            "sdrt_version": settings["sdrt_version"],  # made by this sdrt, whatever made the fp32 export
             "components": {n: comps[n] for n in order},
             "int8": {"settings": settings, "calibration": report, "quality_gate": gate}}
 

@@ -96,6 +96,12 @@ class RecordingBackend:
         return self.backend.vae_encoder(image)
 
 
+def check_max_samples(max_samples) -> None:
+    if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 2:
+        raise SdrtError(f"max_samples must be an integer >= 2 (the first and last UNet calls are kept), got "
+                        f"{max_samples!r}")
+
+
 def record_unet_inputs(components, prompts, steps: int, size: int, seed: int = 0, guidance: float | None = None,
                        scheduler: str | None = None, max_samples: int = 32) -> list[dict]:
     """UNet input feeds from denoising `prompts` with the fp32 eager pipeline, `steps` steps each at size x size
@@ -108,6 +114,7 @@ def record_unet_inputs(components, prompts, steps: int, size: int, seed: int = 0
     for i, prompt in enumerate(prompts):
         pipe.generate(GenerationRequest(prompt=prompt, steps=steps, guidance=guidance, scheduler=scheduler,
                                         seed=seed + i, height=size, width=size))
+    check_max_samples(max_samples)
     calls = rec.calls
     if len(calls) > max_samples:
         keep = np.unique(np.linspace(0, len(calls) - 1, max_samples).round().astype(int))
@@ -192,6 +199,9 @@ def ranges_for(stats: RangeStats, recipe) -> dict[str, tuple[float, float]]:
         lows, highs = lo.min(axis=0), hi.max(axis=0)
     out = {}
     for name, a, b in zip(stats.names, lows, highs):
+        if not (np.isfinite(a) and np.isfinite(b)):  # min(nan, 0.0) is nan: it would become the scale
+            raise SdrtError(f"calibration range of {name} is not finite ({a}, {b}): the fp32 UNet overflows on the "
+                            "calibration inputs; check the model in fp32 first")
         a, b = min(float(a), 0.0), max(float(b), 0.0)
         if recipe.activations == "s8":  # symmetric: zero point 0, the range is +-amax
             a, b = -max(-a, b), max(-a, b)

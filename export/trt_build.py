@@ -169,8 +169,10 @@ def component_mode(name: str, precision: str, comp: dict, manifest: dict, has_qd
     return Mode.FP16
 
 
-def quantization_sha256(comp: dict, manifest: dict) -> str | None:
-    recipe = comp.get("quantization", manifest.get("quantization"))
+def quantization_sha256(manifest: dict) -> str | None:
+    """The int8 export's quantization recipe (`sdrt export --precision int8` records it), hashed for the key of the
+    graphs it quantized. Its scales are in the weights hash too; the recipe also names the Q/DQ placement."""
+    recipe = (manifest.get("int8") or {}).get("settings", {}).get("recipe")
     return canonical_sha256(recipe) if recipe else None
 
 
@@ -244,7 +246,7 @@ def plan_components(onnx_dir: Path, manifest: dict, options: BuildOptions, build
                              options.opt_level, options.refittable)
         key = EngineKey(
             component=n, graph_sha256=d.graph_sha256, weights_sha256=d.weights_sha256, precision=plan.mode.value,
-            quantization=quantization_sha256(comp, manifest),
+            quantization=quantization_sha256(manifest) if d.has_qdq else None,
             # shapes only: a bucket's name merging into a shared text-encoder profile changes no engine
             profiles_sha256=canonical_sha256([p.to_json()["inputs"] for p in plan.profiles]),
             build_options=f"opt_level={options.opt_level} refit={int(options.refittable)}",

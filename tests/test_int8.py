@@ -116,6 +116,64 @@ def test_gate_passes_and_refuses_unless_forced(tiny, fp32_dir, int8, tmp_path):
     assert not (tmp_path / "refused" / "manifest.json").exists()
     forced = export_int8(tiny, fp32_dir, tmp_path / "forced", force=True, **impossible)
     assert forced["int8"]["quality_gate"]["passed"] is False
+    with pytest.raises(SdrtError, match="quality gate"):  # not "up to date": it failed, and this run has no --force
+        export_int8(tiny, fp32_dir, tmp_path / "forced", **impossible)
+
+
+class Redone(Exception):
+    pass
+
+
+@pytest.mark.parametrize("change", ["vae weights", "sdrt version", "gate"])
+def test_up_to_date_means_the_same_model_sdrt_and_gate(tiny, fp32_dir, int8, tmp_path, monkeypatch, change):
+    # The UNet graph alone does not identify the export: the other graphs are linked from the fp32 export (another
+    # VAE with the same UNet), and another sdrt or gate must not be answered with this one's result.
+    import shutil
+
+    from sdrt.export import int8 as int8_module
+
+    import sdrt
+
+    src, out = tmp_path / "fp32", tmp_path / "int8"
+    shutil.copytree(fp32_dir, src)
+    shutil.copytree(int8[1], out)
+    assert int8_module.export_int8(tiny, src, out, **GATE) == int8[0]  # unchanged: up to date
+    (out / ".sdrt-tmp-999999999-int8").mkdir()  # a killed export's leftovers (no such pid)
+    gate = dict(GATE)
+    if change == "vae weights":
+        m = json.loads((src / "manifest.json").read_text())
+        m["components"]["vae_decoder"]["graph_sha256"] = "0" * 64
+        (src / "manifest.json").write_text(json.dumps(m))
+    elif change == "sdrt version":
+        monkeypatch.setattr(sdrt, "__version__", "9.9.9")
+    else:
+        gate["min_psnr"] = 25.0
+    monkeypatch.setattr(int8_module, "calibrate_and_quantize", lambda *a, **kw: (_ for _ in ()).throw(Redone()))
+    with pytest.raises(Redone):
+        int8_module.export_int8(tiny, src, out, **gate)
+    assert not (out / ".sdrt-tmp-999999999-int8").exists()
+
+
+def test_calibration_refuses_what_it_cannot_use(tiny, tmp_path, monkeypatch):
+    from sdrt.export.int8 import export_int8
+    from sdrt.export.int8_calibrate import RangeStats, ranges_for
+    from sdrt.export.int8_recipe import RECIPES
+
+    from sdrt.errors import SdrtError
+
+    for bad in (0, 1, -1, 2.5, True):
+        with pytest.raises(SdrtError, match="max_samples must be an integer >= 2"):
+            export_int8(tiny, None, tmp_path / "out", max_samples=bad, progress=False)
+    monkeypatch.setenv("SDRT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SdrtError, match="is a file, not a directory"):
+        export_int8(tiny, None, tmp_path / "file", progress=False)
+    assert not (tmp_path / "cache").exists()  # refused before the fp32 export
+    lo, hi = np.array([[0.0, -1.0]], np.float32), np.array([[np.nan, 2.0]], np.float32)  # an overflowed tensor a
+    for recipe in RECIPES.values():
+        stats = RangeStats(["a", "b"], recipe.percentile, mins=lo, maxs=hi, lows=lo, highs=hi, timesteps=[1.0])
+        with pytest.raises(SdrtError, match=r"calibration range of a is not finite \(0.0, nan\)"):
+            ranges_for(stats, recipe)
 
 
 def test_an_interrupted_redo_leaves_no_old_entry_for_a_new_file(tiny, fp32_dir, int8, tmp_path, monkeypatch):
@@ -216,3 +274,18 @@ def test_export_cli_int8(tmp_path, capsys):
                  "--calibration-prompts", str(tmp_path / "missing.txt")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "missing.txt" in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--calibration-steps", "2"], "--calibration-steps: only for --precision int8"),
+    (["--int8-recipe", "tensorrt", "--calibration-size", "64"], "--calibration-size, --int8-recipe: only for"),
+    (["--precision", "int8", "--components", "unet"], "--components is for fp32 and fp16 exports"),
+    (["--precision", "int8", "--opset", "17"], "--opset 17: int8 quantizes the opset-18 fp32 export"),
+])
+def test_export_flags_of_the_other_precision_are_refused(tmp_path, capsys, argv, message):
+    from sdrt.cli import main
+
+    assert main(["export", "tiny", "-o", str(tmp_path / "x"), *argv]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("sdrt export: error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x").exists()

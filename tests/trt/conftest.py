@@ -133,13 +133,13 @@ def write_onnx_dir(path: Path, *, seed: int = 0, seeds: dict | None = None, extr
                             "graph_sha256": "x", "weights_sha256": "y",
                             "inputs": _io(model.graph.input), "outputs": _io(model.graph.output),
                             "dynamic_axes": {}}
-        if quantization and name == "unet":
-            components[name]["quantization"] = quantization
     manifest = {"format": 1, "sdrt_version": "0.1.0", "precision": precision,
                 "model": {"name": "toy", "family": family, "source": "test", "source_hash": "h",
                           "prediction_type": "epsilon", "vae_scale": 0.18215, "default_size": 64,
                           "scheduler_config": {}, "tokenizers": "builtin"},
                 "components": components}
+    if quantization:  # as `sdrt export --precision int8` records its recipe
+        manifest["int8"] = {"settings": {"recipe": quantization}}
     (path / "manifest.json").write_text(json.dumps(manifest))
     return path
 
