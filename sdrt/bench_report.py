@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sdrt.errors import SdrtError
+
 STAGES = ("text_encoder_ms", "unet_step_ms", "vae_decode_ms")
 STAGE_LABELS = {"text_encoder_ms": "text encoder", "unet_step_ms": "UNet step (CFG batch)",
                 "vae_decode_ms": "VAE decode"}
@@ -254,12 +256,25 @@ def to_json(report: dict) -> str:
 
 
 def write(report: dict, json_path=None, markdown_path=None, plot_path=None) -> None:
-    for p in (json_path, markdown_path, plot_path):
-        if p:
-            Path(p).parent.mkdir(parents=True, exist_ok=True)
-    if json_path:
-        Path(json_path).write_text(to_json(report))
-    if markdown_path:
-        Path(markdown_path).write_text(markdown(report) + "\n")
-    if plot_path:
-        plot(report, plot_path)
+    """Each file whole or not at all (temp + rename: a full disk keeps the previous run's); a failure is one line."""
+    from sdrt.export.engine_cache import atomic_write
+
+    for path, make in ((json_path, lambda p: atomic_write(p, to_json(report).encode())),
+                       (markdown_path, lambda p: atomic_write(p, (markdown(report) + "\n").encode())),
+                       (plot_path, lambda p: _plot_atomic(report, p))):
+        if not path:
+            continue
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            make(Path(path))
+        except OSError as e:
+            raise SdrtError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _plot_atomic(report: dict, path: Path) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")  # the suffix picks the format
+    try:
+        plot(report, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

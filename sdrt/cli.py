@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from sdrt import __version__
@@ -54,17 +55,39 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """argparse, except that generate's PROMPT may also follow the options (`generate MODEL --steps 4 "a cat"`, or
+    `-- "-a cat"`): an optional positional is taken, empty, as soon as an option follows MODEL."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "prompt", "") is None:
+        after_dashes = extra[0] == "--"
+        rest = extra[1:] if after_dashes else extra
+        if len(rest) == 1 and (after_dashes or not rest[0].startswith("-")):
+            args.prompt, extra = rest[0], []
+    if extra:
+        print(f"sdrt {args.command}: error: unrecognized arguments: {' '.join(extra)} (see sdrt {args.command} "
+              "--help)", file=sys.stderr)
+        raise SystemExit(1)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         quiet_libraries()
-        return int(args.run(args) or 0)
+        rc = int(args.run(args) or 0)
+        sys.stdout.flush()  # a closed pipe (`| head`) shows here, where it is caught, rather than at exit
+        return rc
     except SdrtError as e:  # the message may quote a library's multi-line one: kept whole, on one line
         print(f"sdrt {args.command}: error: {'; '.join(_lines(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"sdrt {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `sdrt info | head`: the reader has gone; nothing left to say, and nowhere to say it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush must not raise again
+        return 1
     except Exception as e:  # a bug, not bad input: one line unless asked for the traceback
         if _interrupted(e):  # Ctrl-C inside an import that then failed on its half-initialised module
             print(f"sdrt {args.command}: interrupted", file=sys.stderr)

@@ -50,6 +50,7 @@ def run(args) -> int:
     import secrets
     import sys
     import time
+    from pathlib import Path
 
     import numpy as np
     import torch
@@ -133,7 +134,8 @@ def run(args) -> int:
                   "width": r.width, "batch": r.batch, "index": k, "model": pipe.info.name,
                   "model_hash": pipe.info.source_hash, "backend": used, "sdrt_version": __version__}
         if r.init_image is not None:
-            params.update(init_image=str(args.init_image), strength=r.strength)
+            # absolute: --params-from makes it again from any directory (a relative path would name another file)
+            params.update(init_image=str(Path(args.init_image).expanduser().absolute()), strength=r.strength)
         save_png(image, path, params)
     t = result.timings
     unet = t["unet_ms"]

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +45,18 @@ def save_png(image, path, params: dict | None = None) -> Path:
     info = PngImagePlugin.PngInfo()
     if params is not None:
         info.add_text(PNG_KEY, json.dumps(params, sort_keys=True))
+    # Into a temporary file beside it, renamed over the target only once complete: a full disk or Ctrl-C never
+    # leaves a truncated PNG, nor destroys the file that was there. A symlink is written through, not replaced.
+    target = Path(os.path.realpath(path))
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        im.save(path, format="PNG", pnginfo=info)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        im.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, target)
     except OSError as e:
         raise SdrtError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -63,13 +72,16 @@ def read_params(path) -> dict | None:
 def params_from(path) -> dict:
     """read_params for the CLI: a missing file, a file that is not a PNG, or a PNG without sdrt's chunk is a
     one-line SdrtError."""
-    from PIL import UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     try:
-        params = read_params(Path(path).expanduser())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # an error, not two lines of warning
+            params = read_params(Path(path).expanduser())
     except FileNotFoundError:
         raise SdrtError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, RecursionError, Image.DecompressionBombWarning,
+            Image.DecompressionBombError) as e:  # RecursionError: a crafted chunk of deeply nested JSON
         raise SdrtError(f"{path}: cannot read generation parameters ({type(e).__name__})") from None
     if not isinstance(params, dict):
         raise SdrtError(f"{path}: holds no sdrt generation parameters (only PNGs written by `sdrt generate` do)")
@@ -81,7 +93,11 @@ def load_image(path):
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(Path(path).expanduser()) as opened:
+        with warnings.catch_warnings():
+            # PIL warns (two lines on stderr) past 89M pixels and raises past twice that: both far past 4096^2
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            opened = Image.open(Path(path).expanduser())
+        with opened:
             im = ImageOps.exif_transpose(opened)  # a phone photo's EXIF orientation, as diffusers' load_image does
             if im.mode.startswith("I;16") or im.mode == "I":  # 16/32-bit grey: convert("RGB") would clip at 255
                 a = np.asarray(im, dtype=np.float64)
@@ -90,6 +106,8 @@ def load_image(path):
             return im.convert("RGB")
     except FileNotFoundError:
         raise SdrtError(f"init image {path}: no such file") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise SdrtError(f"init image {path}: too many pixels to open (sdrt takes up to 4096 per side)") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise SdrtError(f"init image {path}: cannot open as an image ({type(e).__name__})") from None
 
@@ -101,11 +119,14 @@ def output_paths(out, n: int) -> list[Path]:
     out = Path(out).expanduser()
     if out.suffix.lower() != ".png":
         raise SdrtError(f"output {out}: sdrt writes PNG files, name it *.png")
-    if out.is_dir():
-        raise SdrtError(f"output {out} is a directory")
-    # Checked before the generation, not after it: the nearest existing ancestor (save_png makes the rest) must be
-    # a directory a file can be made in; a real file, since os.access says yes to root everywhere, /proc included.
-    up = out.absolute().parent
+    paths = [out] + [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(1, n)]
+    for p in paths:  # every one before any work: a batch must not fail at its second file
+        if p.is_dir():
+            raise SdrtError(f"output {p} is a directory")
+    # Checked before the generation, not after it: the nearest existing ancestor (save_png makes the rest) of where
+    # the file lands (a symlink's target) must be a directory a file can be made in; a real file, since os.access
+    # says yes to root everywhere, /proc included.
+    up = Path(os.path.realpath(out)).parent
     while not up.exists():
         up = up.parent
     if not up.is_dir():
@@ -115,4 +136,4 @@ def output_paths(out, n: int) -> list[Path]:
             pass
     except OSError as e:
         raise SdrtError(f"output {out}: cannot write in {up} ({e.strerror or e})") from None
-    return [out] + [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(1, n)]
+    return paths

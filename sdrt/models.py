@@ -105,7 +105,14 @@ def check_supported(c: Components) -> None:
     """Variants whose pipelines differ from SD's text-to-image loop, refused by name instead of run wrong."""
     u, v = c.unet.config, c.vae.config
     class_embed, addition_embed = getattr(u, "class_embed_type", None), getattr(u, "addition_embed_type", None)
+    widths = [t.config.hidden_size for t in c.text_encoders]  # SDXL's UNet reads both encoders side by side
+    cross = u.cross_attention_dim if isinstance(u.cross_attention_dim, (list, tuple)) else [u.cross_attention_dim]
     problems = [
+        ((addition_embed == "text_time") != (len(widths) == 2), f"unet has addition_embed_type={addition_embed!r} "
+         f"beside {len(widths)} text encoder(s): SDXL's UNet takes two and others one (an SDXL refiner, or a UNet "
+         "from another model)"),
+        (set(cross) != {sum(widths)}, f"the text encoders give {sum(widths)} channels where the unet's "
+         f"cross-attention takes {u.cross_attention_dim} (a UNet from another model)"),
         (getattr(u, "time_cond_proj_dim", None) is not None, "unet has time_cond_proj_dim: an LCM-distilled UNet, "
          "which takes a guidance embedding instead of classifier-free guidance"),
         (getattr(c.unet, "class_embedding", None) is not None, f"unet has a class embedding (class_embed_type="

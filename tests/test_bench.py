@@ -197,6 +197,25 @@ def test_output_folders_are_made_up_front(tmp_path):
     assert not (tmp_path / "other").exists()
 
 
+def test_a_failed_report_write_keeps_the_old_file(tmp_path, monkeypatch):
+    import os
+
+    from sdrt import bench_report
+
+    path = tmp_path / "r.json"
+    bench_report.write({"config": {"runs": 1}}, json_path=path)
+    before = path.read_text()
+    assert json.loads(before) == {"config": {"runs": 1}}
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(SdrtError, match=f"^cannot write {path}: No space left on device$"):
+        bench_report.write({"config": {"runs": 2}}, json_path=path)
+    assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
 def test_command_line_reproduces_the_config():
     cfg = bench.BenchConfig("sd15", ("eager", "openvino:fp32"), height=256, width=256, steps=4, runs=3)
     argv = bench.command_line(cfg).split()[2:]

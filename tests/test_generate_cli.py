@@ -95,15 +95,88 @@ def test_onnxruntime_exports_once_then_reuses_and_matches_eager(tmp_path, capsys
     assert np.array_equal(a, b) and psnr(a, c) >= 75
 
 
-def test_img2img_takes_the_init_image_size(tmp_path, capsys):
+def test_img2img_takes_the_init_image_size(tmp_path, capsys, monkeypatch):
     init = tmp_path / "init.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (75, 100, 3), dtype=np.uint8)).save(init)
-    rc, err = run_cli(capsys, "tiny", "a photo", "--backend", "eager", "--init-image", str(init), "--strength",
+    monkeypatch.chdir(tmp_path)
+    rc, err = run_cli(capsys, "tiny", "a photo", "--backend", "eager", "--init-image", "init.png", "--strength",
                       "0.5", *FAST[:2], "-o", str(tmp_path / "o.png"))
     assert rc == 0, err
     assert Image.open(tmp_path / "o.png").size == (96, 72)  # rounded down to multiples of 8, as diffusers does
     p = read_params(tmp_path / "o.png")
+    # absolute, though given relative: --params-from from another directory must find this file, not another
     assert p["strength"] == 0.5 and p["init_image"] == str(init)
+
+
+def test_the_prompt_may_follow_the_options(tmp_path, capsys):
+    for argv, prompt in [(["--backend", "eager", "a red barn"], "a red barn"), (["--backend", "eager", "--",
+                                                                                "-a dash"], "-a dash")]:
+        rc, err = run_cli(capsys, "tiny", *FAST, "-o", str(tmp_path / "p.png"), *argv)
+        assert rc == 0, err
+        assert read_params(tmp_path / "p.png")["prompt"] == prompt
+    rc, err = run_cli(capsys, "tiny", "a", "b", "-o", str(tmp_path / "q.png"))
+    assert rc == 1 and err == "sdrt generate: error: unrecognized arguments: b (see sdrt generate --help)\n"
+    rc, err = run_cli(capsys, "tiny", "--steps", "1", "--bogus", "-o", str(tmp_path / "q.png"))
+    assert rc == 1 and "unrecognized arguments: --bogus" in err
+
+
+def test_a_failed_write_keeps_the_old_image_and_leaves_no_part(tmp_path, capsys, monkeypatch):
+    from PIL import PngImagePlugin
+
+    out = tmp_path / "o.png"
+    rc, _ = run_cli(capsys, "tiny", "a photo", "--backend", "eager", *FAST, "-o", str(out))
+    before = out.read_bytes()
+    real = PngImagePlugin._save
+
+    def disk_full(im, fp, filename, *a, **kw):  # half a PNG, then ENOSPC
+        real(im, fp, filename, *a, **kw)
+        fp.truncate(100)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PngImagePlugin, "_save", disk_full)
+    monkeypatch.setitem(Image.SAVE, "PNG", disk_full)
+    rc, err = run_cli(capsys, "tiny", "a photo", "--backend", "eager", *FAST, "--seed", "9", "-o", str(out))
+    assert rc == 1 and err.endswith(f"cannot write {out}: No space left on device\n"), err
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["o.png"]
+
+
+def test_every_batch_path_is_checked_before_the_work(tmp_path, capsys):
+    (tmp_path / "o-1.png").mkdir()
+    rc, err = run_cli(capsys, "tiny", "a photo", "--backend", "eager", *FAST, "--batch", "2", "-o",
+                      str(tmp_path / "o.png"))
+    assert rc == 1 and err == f"sdrt generate: error: output {tmp_path / 'o-1.png'} is a directory\n"
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_images_too_large_or_crafted_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    big = tmp_path / "big.png"
+    save_png(np.zeros((64, 64, 3)), big, {"prompt": "a", "seed": 1})
+    deep = tmp_path / "deep.png"  # a chunk of 100000 nested arrays: json's recursion limit
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("sdrt", "[" * 100000 + "]" * 100000)
+    Image.new("RGB", (8, 8)).save(deep, pnginfo=info)
+    rc, err = run_cli(capsys, "tiny", "--params-from", str(deep), "-o", str(tmp_path / "x.png"))
+    assert rc == 1 and err.count("\n") == 1 and "cannot read generation parameters (RecursionError)" in err, err
+    for limit in (3000, 1000):  # 4096 pixels: past PIL's warning (the limit), then past its error (twice it)
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+        rc, err = run_cli(capsys, "tiny", "a", "--init-image", str(big), "-o", str(tmp_path / "x.png"))
+        assert rc == 1 and err == f"sdrt generate: error: init image {big}: too many pixels to open (sdrt takes up " \
+            "to 4096 per side)\n", err
+        rc, err = run_cli(capsys, "tiny", "--params-from", str(big), "-o", str(tmp_path / "x.png"))
+        assert rc == 1 and err.count("\n") == 1 and "cannot read generation parameters (Decompression" in err, err
+
+
+def test_a_closed_stdout_is_a_quiet_exit(tmp_path):
+    import subprocess
+    import sys
+
+    # `sdrt info tiny | head`: the reader has left (`true` before the model is built) by the time sdrt prints; no
+    # BrokenPipeError traceback or "internal error"
+    p = subprocess.run(f"{sys.executable} -m sdrt.cli info tiny | true", shell=True, capture_output=True, text=True,
+                       env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}, timeout=300)
+    assert p.stderr == ""
 
 
 def test_empty_prompt_is_unconditional_and_long_prompts_warn(tmp_path, capsys):

@@ -204,7 +204,9 @@ def _folder_with(tmp_path, tiny_folder, unet=None, vae=None):
     ({"in_channels": 9}, None, "unet takes 9 input channels where the VAE's latents have 4"),
     ({"num_class_embeds": 10}, None, "unet has a class embedding"),  # the x4 upscaler's noise-level embedding
     (None, {"latents_mean": [0.1] * 4, "latents_std": [0.9] * 4}, "vae has latents_mean/latents_std"),
-], ids=["lcm unet", "inpainting unet", "class embedding", "latents mean"])
+    ({"addition_embed_type": None}, None, "unet has addition_embed_type=None beside 2 text encoder"),
+    ({"cross_attention_dim": 64}, None, "the text encoders give 96 channels where the unet's cross-attention takes 64"),
+], ids=["lcm unet", "inpainting unet", "class embedding", "latents mean", "sd unet in sdxl", "narrow unet"])
 def test_variants_with_another_pipeline_are_refused(tmp_path, tiny_folder, capsys, unet, vae, message):
     # each once ran as plain text-to-image: 38 dB (LCM), a VAE error (9 channels), 30 dB from diffusers (latents_mean)
     model = _folder_with(tmp_path, tiny_folder, unet, vae)
@@ -214,6 +216,19 @@ def test_variants_with_another_pipeline_are_refused(tmp_path, tiny_folder, capsy
     assert main(["info", model]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and "not supported" in err
+
+
+def test_an_sdxl_unet_with_one_text_encoder_is_refused(tmp_path, tiny_folder):
+    # once an IndexError in the pipeline: family_of says SDXL from the UNet alone
+    folder = tmp_path / "one-encoder"
+    shutil.copytree(tiny_folder, folder)
+    for sub in ("text_encoder_2", "tokenizer_2"):
+        shutil.rmtree(folder / sub)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({k: v for k, v in index.items()
+                                                         if k not in ("text_encoder_2", "tokenizer_2")}))
+    with pytest.raises(SdrtError, match="addition_embed_type='text_time' beside 1 text encoder"):
+        load_model(str(folder))
 
 
 @pytest.mark.parametrize("karras, want", [(True, "dpmpp-2m-karras"), (False, "dpmpp-2m")])
