@@ -7,6 +7,7 @@ backend, strength). `read_params(path)` returns it.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -45,18 +46,17 @@ def save_png(image, path, params: dict | None = None) -> Path:
     info = PngImagePlugin.PngInfo()
     if params is not None:
         info.add_text(PNG_KEY, json.dumps(params, sort_keys=True))
-    # Into a temporary file beside it, renamed over the target only once complete: a full disk or Ctrl-C never
-    # leaves a truncated PNG, nor destroys the file that was there. A symlink is written through, not replaced.
-    target = Path(os.path.realpath(path))
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    from sdrt.export.engine_cache import atomic_write
+
+    # Encoded in memory, then written whole (temp + rename): a full disk or Ctrl-C never leaves a truncated PNG, nor
+    # destroys the file that was there. A symlink is written through, not replaced.
+    buf, target = io.BytesIO(), Path(os.path.realpath(path))
     try:
+        im.save(buf, format="PNG", pnginfo=info)
         target.parent.mkdir(parents=True, exist_ok=True)
-        im.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, target)
+        atomic_write(target, buf.getbuffer())
     except OSError as e:
         raise SdrtError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
