@@ -63,13 +63,13 @@ def run(args, make_builder=None) -> int:
     """`make_builder(options)` returns the builder (tests pass a fake; default: TensorRT, required here)."""
     from sdrt.export.trt_build import (
         BuildOptions,
-        TensorRTBuilder,
         build_engines,
         check_request,
         make_engine_dir,
         read_onnx_manifest,
         summary,
     )
+    from sdrt.export.trt_builder import TensorRTBuilder
     from sdrt.export.trt_profiles import parse_profile, parse_profiles
 
     for text in args.profile or []:  # syntax errors before touching any file

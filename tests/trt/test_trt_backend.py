@@ -16,7 +16,8 @@ gpu = pytest.mark.skipif(not HAVE_TRT, reason=WHY)
 
 
 def test_importing_is_free_of_heavy_modules():
-    code = ("import sys, sdrt.backends.tensorrt, sdrt.export.trt_build, sdrt.export.build_cli, sdrt.cli\n"
+    code = ("import sys, sdrt.backends.tensorrt, sdrt.export.trt_build, sdrt.export.trt_builder, "
+            "sdrt.export.build_cli, sdrt.cli\n"
             "print([m for m in ('torch', 'onnx', 'tensorrt', 'diffusers') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -60,7 +61,8 @@ def _ort(onnx_dir, component, feeds):
 @gpu
 def test_real_engines_match_onnxruntime(tmp_path, make_onnx_dir):
     import torch
-    from sdrt.export.trt_build import BuildOptions, TensorRTBuilder, build_engines
+    from sdrt.export.trt_build import BuildOptions, build_engines
+    from sdrt.export.trt_builder import TensorRTBuilder
     from sdrt.export.trt_profiles import parse_profiles
 
     onnx_dir, engines = make_onnx_dir(tmp_path / "onnx"), tmp_path / "engines"

@@ -1,4 +1,4 @@
-"""TensorRTBuilder (export/trt_build.py) against a fake `tensorrt` that records the TensorRT 10 calls it gets:
+"""TensorRTBuilder (export/trt_builder.py) against a fake `tensorrt` that records the TensorRT 10 calls it gets:
 network flags, builder flags, profiles in order, timing cache, and the refusals TensorRT reports (parser errors, an
 invalid profile, a failed build, a failed refit). No TensorRT, no GPU."""
 
@@ -7,7 +7,8 @@ import types
 
 import pytest
 import torch
-from sdrt.export.trt_build import ComponentPlan, Mode, TensorRTBuilder
+from sdrt.export.trt_build import ComponentPlan, Mode
+from sdrt.export.trt_builder import TensorRTBuilder
 from sdrt.export.trt_profiles import component_profiles, parse_profiles
 
 from sdrt.errors import SdrtError
