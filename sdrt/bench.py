@@ -21,6 +21,7 @@ Stage times are medians over rounds; end-to-end has p50/p90/p99 (linear interpol
 from __future__ import annotations
 
 import os
+import shlex
 import time
 from dataclasses import asdict, dataclass
 
@@ -139,14 +140,15 @@ def run(args) -> int:
 
 def command_line(cfg: BenchConfig) -> str:
     """The `sdrt bench` command that reproduces this configuration (recorded in the report)."""
-    parts = ["sdrt bench", cfg.model, "--backends", ",".join(cfg.backends)]
+    parts = [cfg.model, "--backends", ",".join(cfg.backends)]
     for flag in ("height", "width", "steps", "batch", "guidance", "runs", "warmup", "seed", "device", "arch"):
         value = getattr(cfg, flag)
         if value is not None and value != getattr(BenchConfig, flag):
             parts += [f"--{flag}", str(value)]
     if cfg.prompt != DEFAULT_PROMPT:
-        parts += ["--prompt", repr(cfg.prompt)]
-    return " ".join(parts + [f"--{flag}" for flag in ("sequential", "profile") if getattr(cfg, flag)])
+        parts += ["--prompt", cfg.prompt]
+    parts += [f"--{flag}" for flag in ("sequential", "profile") if getattr(cfg, flag)]
+    return " ".join(["sdrt bench"] + [shlex.quote(p) for p in parts])  # pasted into a shell as it is
 
 
 def run_bench(cfg: BenchConfig, log=print) -> dict:
@@ -167,8 +169,11 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         unet_flops,
     )
     from sdrt.models import load_model, source_hash
-    from sdrt.pipeline import GenerationRequest, ModelInfo, Pipeline
+    from sdrt.pipeline import GenerationRequest, ModelInfo, Pipeline, check_request
 
+    asked = GenerationRequest(prompt=cfg.prompt, steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed,
+                              height=cfg.height, width=cfg.width, batch=cfg.batch)
+    check_request(asked)  # a bad size fails now, not after minutes of ONNX exports (the model's limits: below)
     started, load_start = time.perf_counter(), [round(x, 2) for x in os.getloadavg()]
     device = default_device(cfg.device)
     names = list(dict.fromkeys(cfg.backends))
@@ -189,9 +194,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         components = load_model(cfg.model, seed=cfg.seed, arch=cfg.arch)
     load_s = time.perf_counter() - t
     info = ModelInfo.from_components(components)
-    request = Pipeline(info, components.tokenizers, None).resolve(GenerationRequest(
-        prompt=cfg.prompt, steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed, height=cfg.height,
-        width=cfg.width, batch=cfg.batch))
+    request = Pipeline(info, components.tokenizers, None).resolve(asked)
     inputs = stage_inputs(components, request.batch, request.height, request.width, cfg.prompt,
                           cfg=request.guidance > 1.0, seed=cfg.seed)
     if components.source_hash != ctx.source_hash:  # a diffusers folder whose weights changed while we exported
@@ -199,16 +202,20 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     ctx.info, ctx.tokenizers, ctx.request = info, list(components.tokenizers), request
 
     results, live, reference, flops, group = [], [], None, None, 0
-    # A profile runs after its rows' timed rounds. On CUDA, Kineto leaves CUPTI attached when a profile ends, which
-    # slows everything after it (pytorch#144455): only the last rows measured are profiled there.
-    early_profile = cfg.profile and device.type != "cuda"
+    def measure_now(rows, last: bool) -> None:
+        profile = profiles_now(cfg.profile, device, last)
+        if cfg.profile and not profile:
+            log(f"not profiling {', '.join(r.spec.name for r in rows)}: on CUDA a profile slows every row measured "
+                "after it (pytorch#144455), so only the rows measured last are profiled")
+        measure(rows, request, cfg.runs, log, deadline, profile=profile)
+
     for name in names:
         result = {"backend": name, "skipped": None}
         results.append(result)
         biggest = max((row.result["peak_rss_mb"] or 0 for row in live), default=0)
         if live and available_mb() < 1.25 * biggest:  # the next setup might not fit beside the live rows
             log(f"memory: {available_mb():.0f} MB left, measuring {len(live)} rows before the next is set up")
-            measure(live, request, cfg.runs, log, deadline, profile=early_profile)
+            measure_now(live, last=False)
             row = first = None  # the measured rows are freed before the next setup
             group += 1
         if cfg.budget_s is not None and time.perf_counter() - started > 0.75 * cfg.budget_s:
@@ -244,12 +251,12 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         row.result, row.inputs = result, inputs.to(row.device)
         result["group"] = group  # rows with the same group were measured in the same rounds
         if cfg.sequential:
-            measure([row], request, cfg.runs, log, deadline, profile=early_profile)
+            measure_now([row], last=name == names[-1])
             row = first = None  # nothing keeps the runtime: the next row's memory baseline starts clean
             group += 1
         else:
             live.append(row)
-    measure(live, request, cfg.runs, log, deadline, profile=cfg.profile)
+    measure_now(live, last=True)
     bench_report.add_speedups(results, flops)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -259,6 +266,13 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
                                                          "batch")} | {"prompt": cfg.prompt,
                                                                       "unet_gflop_per_step": flops and flops / 1e9},
             "wall_s": round(time.perf_counter() - started, 1), "results": results}
+
+
+def profiles_now(profile: bool, device, last: bool) -> bool:
+    """Whether rows measured now are profiled. A profile runs after its rows' timed rounds; on CUDA, Kineto leaves
+    CUPTI attached when a profile ends, which slows everything after it (pytorch#144455), so there only the rows
+    measured last are (with --sequential: the last row)."""
+    return profile and (device.type != "cuda" or last)
 
 
 def measure(rows: list, request, runs: int, log, deadline: float | None = None, profile: bool = False) -> None:

@@ -36,9 +36,11 @@ def describe_row(row, mem, device) -> dict:
     on_gpu = row.device.type == "cuda"
     return {"kind": row.spec.kind, "precision": row.precision, "device": str(row.device),
             "cold_start_s": {k: None if v is None else round(v, 2) for k, v in row.cold_s.items()},
-            # GPU rows: the CUDA peak allocation, CPU rows: peak RSS, each above the row's start (MiB)
-            "peak_mem_mb": mem.cuda_mb if on_gpu else mem.rss_mb, "peak_rss_mb": mem.rss_mb,
-            "held_rss_mb": mem.held_mb, "peak_cuda_mb": mem.cuda_mb, "notes": list(row.notes)}
+            # GPU rows: the CUDA peak allocation or the device memory the row took, whichever is more; CPU rows:
+            # peak RSS; each above the row's start (MiB)
+            "peak_mem_mb": mem.gpu_mb if on_gpu else mem.rss_mb, "peak_rss_mb": mem.rss_mb,
+            "held_rss_mb": mem.held_mb, "peak_cuda_mb": mem.cuda_mb, "held_device_mb": mem.device_mb,
+            "notes": list(row.notes)}
 
 
 def drift(out, reference, is_reference: bool) -> dict:

@@ -170,10 +170,13 @@ def release_memory() -> None:
 class PeakMemory:
     """`with PeakMemory(device) as m:` -> m.rss_mb: peak RSS above the RSS at entry (the high-water mark is reset
     through /proc/self/clear_refs, or sampled every 10 ms where that is refused); m.cuda_mb: peak CUDA allocation
-    above the allocation at entry (interleaved rows keep the earlier rows' weights on the GPU). MiB, 2^20 bytes."""
+    above the allocation at entry (interleaved rows keep the earlier rows' weights on the GPU); m.device_mb: GPU
+    memory in use device-wide at exit above that at entry (cudaMemGetInfo), which sees what torch's allocator does
+    not: ONNX Runtime's CUDA arena, TensorRT's engine weights, torch's cached blocks. MiB, 2^20 bytes."""
 
     def __init__(self, device):
         self.device, self.rss_mb, self.held_mb, self.cuda_mb, self._peak, self._stop = device, None, None, None, 0, None
+        self.device_mb = None
 
     def __enter__(self):
         release_memory()
@@ -186,6 +189,7 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             self.cuda_start = torch.cuda.memory_allocated(self.device)
+            self.device_start = _device_used(self.device)
         return self
 
     def _sample(self):
@@ -204,6 +208,8 @@ class PeakMemory:
         if self.device.type == "cuda":
             self.cuda_peak = torch.cuda.max_memory_allocated(self.device)
             self.cuda_mb = round((self.cuda_peak - self.cuda_start) / 2**20, 1)
+            self.device_end = _device_used(self.device)
+            self.device_mb = round((self.device_end - self.device_start) / 2**20, 1)
 
     def include(self, earlier: PeakMemory) -> None:
         """Extend this measurement back to the start of `earlier` (the reference's weights load before its row)."""
@@ -213,6 +219,19 @@ class PeakMemory:
         if self.device.type == "cuda" and earlier.cuda_mb is not None:
             self.cuda_start, self.cuda_peak = earlier.cuda_start, max(self.cuda_peak, earlier.cuda_peak)
             self.cuda_mb = round((self.cuda_peak - self.cuda_start) / 2**20, 1)
+            self.device_start = earlier.device_start
+            self.device_mb = round((self.device_end - self.device_start) / 2**20, 1)
+
+    @property
+    def gpu_mb(self) -> float | None:
+        """A GPU row's figure: its peak torch allocation, or what the device lost to it if that is more (a runtime
+        with its own allocator shows only its I/O tensors to torch)."""
+        return None if self.cuda_mb is None else max(self.cuda_mb, self.device_mb)
+
+
+def _device_used(device) -> int:
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free
 
 
 # ---- setting a row up: load weights, export ONNX (cached), build the runtime --------------------------------------

@@ -135,6 +135,8 @@ def test_onnxruntime_session_options(sdxl_onnx):
     assert be.options.graph_optimization_level == onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert be.options.intra_op_num_threads == physical_cores() <= os.cpu_count()
     assert be.providers == ["CPUExecutionProvider"] and not be.io_binding
+    # idle ORT threads must not spin on the cores torch uses between UNet calls (and a bench's next row)
+    assert be.options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 def test_onnxruntime_errors(tmp_path, sdxl_onnx):

@@ -7,6 +7,7 @@ percentiles); drift is checked for real (fp32 graphs must match eager to float r
 import argparse
 import importlib.util
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -127,6 +128,15 @@ def test_bench_profile_comes_after_the_timed_rounds():
         assert row["profile"]["UNet step"]["total_ms"] > 0 and row["rounds"] == 1
 
 
+def test_on_cuda_only_the_rows_measured_last_are_profiled():
+    import torch
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert bench.profiles_now(True, cpu, last=False) and bench.profiles_now(True, cuda, last=True)
+    assert not bench.profiles_now(True, cuda, last=False)  # it would slow every row after it
+    assert not bench.profiles_now(False, cpu, last=True) and not bench.profiles_now(False, cuda, last=True)
+
+
 @pytest.mark.parametrize("name, kind", [
     ("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x128x64", "conv"),  # cuDNN
     ("cutlass__5x_cudnn::Kernel<cutlass_tensorop_f16_s16816fprop_optimized_f16_128x128_32x4_nhwc>", "conv"),
@@ -159,6 +169,9 @@ def test_bad_arguments_are_one_line_errors():
     ("eager:fp8", "unknown precision 'fp8' in --backends 'eager:fp8' \\(choose from fp32, "),
     ("diffusers:int4", "unknown precision 'int4'"),
     ("diffusers:int8", "the diffusers peer runs fp32, fp16 or bf16"),  # it would run fp16 under an int8 label
+    ("onnxruntime --height 63", "height must be a multiple of 8"),  # not after minutes of exports
+    ("onnxruntime --steps 0", "steps must be an integer >= 1"),
+    ("onnxruntime --batch 65", "batch must be an integer in \\[1, 64\\]"),
 ])
 def test_a_typo_in_backends_fails_before_anything_runs(monkeypatch, rows, message):
     # A typo is an error, not a skipped row in a report that exits 0; run_bench checks the names before its
@@ -167,7 +180,7 @@ def test_a_typo_in_backends_fails_before_anything_runs(monkeypatch, rows, messag
 
     monkeypatch.setattr(bench_rows, "prepare_exports", lambda *a: pytest.fail("the benchmark started"))
     with pytest.raises(SdrtError, match=message):
-        bench.run(parse(["tiny", "--backends", rows]))
+        bench.run(parse(["tiny", "--backends", *rows.split()]))
 
 
 @pytest.mark.parametrize("flag, path, message", [
@@ -223,6 +236,9 @@ def test_command_line_reproduces_the_config():
     assert bench.config_from_args(parse(argv)) == cfg
     cfg = bench.BenchConfig("base.safetensors", ("eager",), arch="sd21-base", profile=True)  # a file and its preset
     assert bench.config_from_args(parse(bench.command_line(cfg).split()[2:])) == cfg
+    # what a shell makes of it: quotes, $ and spaces in the prompt or the model's path survive
+    cfg = bench.BenchConfig("my models/base.safetensors", ("eager",), prompt='it\'s a "cat" $HOME')
+    assert bench.config_from_args(parse(shlex.split(bench.command_line(cfg))[2:])) == cfg
 
 
 def test_peak_memory_sees_an_allocation():
@@ -244,18 +260,40 @@ def test_gpu_peak_memory_is_the_rows_own_and_the_references_with_it(monkeypatch)
     from sdrt.bench_rows import PeakMemory
 
     mib = 2**20
-    cuda = {"now": 3000 * mib, "peak": 0}  # the earlier rows' 3000 MiB
+    cuda = {"now": 3000 * mib, "peak": 0, "device": 3500 * mib}  # the earlier rows' 3000 MiB (3500 held)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d: cuda.update(peak=cuda["now"]))
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: cuda["now"])
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: cuda["peak"])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (80_000 * mib - cuda["device"], 80_000 * mib))
     with PeakMemory(torch.device("cuda")) as reference:
         cuda["now"] += 100 * mib  # the reference's weights, loaded before its row
         cuda["peak"] = cuda["now"]
+        cuda["device"] += 100 * mib
     with PeakMemory(torch.device("cuda")) as row:
         cuda["peak"] = cuda["now"] + 512 * mib  # the row's activations, freed at its end
-    assert (reference.cuda_mb, row.cuda_mb) == (100.0, 512.0)
+        cuda["device"] += 64 * mib  # kept in torch's cache
+    assert (reference.cuda_mb, row.cuda_mb, row.device_mb, row.gpu_mb) == (100.0, 512.0, 64.0, 512.0)
     row.include(reference)
-    assert row.cuda_mb == 612.0
+    assert (row.cuda_mb, row.device_mb, row.gpu_mb) == (612.0, 164.0, 612.0)
+
+
+def test_gpu_memory_of_a_runtime_with_its_own_allocator(monkeypatch):
+    # ONNX Runtime's CUDA arena and TensorRT's engine weights are invisible to torch's allocator: torch saw only
+    # the I/O tensors (8 MiB), so such a row looked 100x cheaper than a PyTorch row of the same model.
+    import torch
+
+    from sdrt.bench_rows import PeakMemory
+
+    mib = 2**20
+    cuda = {"now": 0, "device": 500 * mib}
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: cuda["now"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: cuda["now"])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (80_000 * mib - cuda["device"], 80_000 * mib))
+    with PeakMemory(torch.device("cuda")) as row:
+        cuda["now"] += 8 * mib
+        cuda["device"] += 8 * mib + 2100 * mib  # the arena: weights and activations
+    assert (row.cuda_mb, row.device_mb, row.gpu_mb) == (8.0, 2108.0, 2108.0)
 
 
 def test_an_exports_time_is_the_manifests_fresh_or_cached(monkeypatch, tmp_path):

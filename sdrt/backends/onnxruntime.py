@@ -183,6 +183,11 @@ class OnnxRuntimeBackend:
         self.options = ort.SessionOptions()
         self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.options.intra_op_num_threads = physical_cores()
+        if self.device.type == "cpu":
+            # ORT's pool spins after each run by default; here it has every physical core, the same cores torch's
+            # own threads use between UNet calls (scheduler step, guidance), so spinning slows those, and, in
+            # `sdrt bench`, whatever row is timed next (eager's UNet: 5.8 -> 14 ms on the tiny model, 2 cores).
+            self.options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.options.log_severity_level = 3  # errors only: ORT warns about every node it leaves on the CPU
         self.sessions = {}
         # txt2img never runs the VAE encoder: its session is opened on first use.
