@@ -16,8 +16,9 @@ Every UNet and VAE tensor must find its place (a dropped key is a different mode
 LoRA's leftovers), and weights must be floating point (an int8-quantized file cast to fp32 is garbage).
 
 Tokenizer: a `tokenizer/` folder (and for SDXL `tokenizer_2/`) in transformers' format next to the file is used
-when present; otherwise sdrt's builtin one, whose ids are not CLIP's: fine for random-weight tests, wrong for a
-real model's prompts, so put the released tokenizer beside a real checkpoint.
+when present; otherwise CLIP's own tokenizer, built from the merge table sdrt ships (the released models all use
+CLIP's 49408-token vocabulary), padded as the released tokenizers pad. Only files whose text encoder is not
+CLIP-sized (the tests' tiny random-weight files) get sdrt's small builtin vocabulary.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 
 from sdrt.errors import SdrtError
-from sdrt.models import Components, build_text_encoder, hash_files, load_tokenizer, preset_defaults
+from sdrt.models import Components, build_text_encoder, hash_files, load_tokenizer, pad_token, preset_defaults
 from sdrt.specs import PRESETS, Family, ModelSpec
 
 UNET_PREFIX = "model.diffusion_model."
@@ -79,9 +80,10 @@ def load_single_file(path: Path, arch: str | None = None) -> Components:
                             "(quantized checkpoints are not supported)")
     scheduler = marked_scheduler(path, sd, spec.scheduler)
 
-    tokenizers = load_tokenizers(path.parent, len(spec.text_encoders))
-    bos, eos = tokenizers[0].bos_token_id, tokenizers[0].eos_token_id
-    text_encoders = [build_text_encoder(cfg, bos, eos) for cfg in spec.text_encoders]
+    tokenizers = load_tokenizers(path.parent, spec)
+    # each encoder pools at its own tokenizer's end-of-text id (tokenizer_2/ may come without tokenizer/)
+    text_encoders = [build_text_encoder(cfg, tok.bos_token_id, tok.eos_token_id)
+                     for cfg, tok in zip(spec.text_encoders, tokenizers)]
     unet = UNet2DConditionModel(**spec.unet)
     vae = AutoencoderKL(**spec.vae)
 
@@ -110,7 +112,7 @@ def load_single_file(path: Path, arch: str | None = None) -> Components:
             raise SdrtError(f"{path}: {what}: unexpected layout ({type(e).__name__}: {e})") from None
         load_strict(path, what, te, converted)
     return Components(path.stem, spec.family, tokenizers, text_encoders, unet, vae, scheduler,
-                      spec.default_size, str(path), hash_files([path]), preset_defaults(spec))
+                      spec.default_size, str(path), hash_files(checkpoint_files(path)), preset_defaults(spec))
 
 
 def marked_scheduler(path: Path, sd: dict, preset: dict) -> dict:
@@ -208,18 +210,30 @@ def load_strict(path: Path, what: str, module: torch.nn.Module, sd: dict) -> Non
     module.load_state_dict(sd, strict=True)  # copies (and casts fp16/bf16 files) into the fp32 parameters
 
 
-def load_tokenizers(folder: Path, n: int) -> list:
-    """`tokenizer/` (`tokenizer_2/`) beside the file, else the builtin one; SDXL's second pads with '!'."""
-    from sdrt.tokenizer import builtin_tokenizer
+def load_tokenizers(folder: Path, spec: ModelSpec) -> list:
+    """`tokenizer/` (`tokenizer_2/`) beside the file, else CLIP's own (sdrt.tokenizer.clip_tokenizer) for a
+    CLIP-sized encoder, or the builtin one for the small random-weight test models."""
+    from sdrt.tokenizer import CLIP_VOCAB_SIZE, builtin_tokenizer, clip_tokenizer
 
     out = []
-    for i in range(n):
-        pad = {"pad_token": "!"} if i else {}
+    for i, cfg in enumerate(spec.text_encoders):
+        pad = {"pad_token": pad_token(spec.family, i)}
         own = folder / ("tokenizer_2" if i else "tokenizer")
         src = own if own.is_dir() else folder / "tokenizer"
         if not src.is_dir():
-            out.append(builtin_tokenizer(**pad))
+            out.append((clip_tokenizer if cfg["vocab_size"] == CLIP_VOCAB_SIZE else builtin_tokenizer)(**pad))
             continue
         # a tokenizer_2/ folder brings its own pad token; tokenizer/ reused for SDXL's second gets '!'
         out.append(load_tokenizer(src, **({} if src == own else pad)))
     return out
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """What a single file's graphs are made of (the export and engine caches' key): the weights, the tokenizer
+    folders beside it (their end-of-text id is where the text encoders pool), and CLIP's merge table where one
+    is missing (it stands in)."""
+    from sdrt.tokenizer import CLIP_BPE
+
+    folders = [path.parent / name for name in ("tokenizer", "tokenizer_2")]
+    files = [f for d in folders if d.is_dir() for f in sorted(d.iterdir()) if f.is_file()]
+    return [path, *files] + ([CLIP_BPE] if not all(d.is_dir() for d in folders) else [])

@@ -138,7 +138,11 @@ def source_hash(model: str, seed: int = 0) -> str:
     path = Path(model).expanduser()
     if not path.exists():
         raise SdrtError(f"model '{model}' is neither a preset ({', '.join(PRESETS)}) nor an existing path")
-    return hash_files(weight_files(path) if path.is_dir() else [path])
+    if path.is_dir():
+        return hash_files(weight_files(path))
+    from sdrt.checkpoint import checkpoint_files
+
+    return hash_files(checkpoint_files(path))
 
 
 def check_seed(seed: int) -> None:
@@ -170,9 +174,7 @@ def build_preset(spec: ModelSpec, seed: int = 0) -> Components:
 
     from sdrt.tokenizer import builtin_tokenizer
 
-    # SDXL's second tokenizer pads with "!" as the released one does; both share the builtin vocabulary.
-    tokenizers = [builtin_tokenizer(pad_token="!" if i == 1 else "<|endoftext|>")
-                  for i in range(len(spec.text_encoders))]
+    tokenizers = [builtin_tokenizer(pad_token=pad_token(spec.family, i)) for i in range(len(spec.text_encoders))]
     bos, eos = tokenizers[0].bos_token_id, tokenizers[0].eos_token_id
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -181,6 +183,12 @@ def build_preset(spec: ModelSpec, seed: int = 0) -> Components:
         vae = AutoencoderKL(**spec.vae)
     return Components(spec.name, spec.family, tokenizers, text_encoders, unet, vae, dict(spec.scheduler),
                       spec.default_size, f"preset:{spec.name}", source_hash(spec.name, seed), preset_defaults(spec))
+
+
+def pad_token(family: Family, index: int) -> str:
+    """What the released tokenizers pad with: OpenCLIP's encoders (SD 2.x's, SDXL's second) were trained on
+    zero-padded ids, id 0 being '!'; OpenAI's CLIP-L (SD 1.x's, SDXL's first) pads with end-of-text."""
+    return "!" if family is Family.SD2 or index == 1 else "<|endoftext|>"
 
 
 def preset_defaults(spec: ModelSpec) -> dict:

@@ -1,7 +1,10 @@
-"""A real CLIP BPE tokenizer with no download.
+"""CLIP BPE tokenizers with no download.
 
-Real checkpoints bring their own `tokenizer/` (vocab.json + merges.txt) and we load it. The random-weight presets
-need one too, so sdrt *builds* a small CLIP-format vocabulary: CLIP's 256 byte symbols (plain and with the
+Real diffusers folders bring their own `tokenizer/` (vocab.json + merges.txt) and we load it. A single-file
+checkpoint usually comes alone: `clip_tokenizer` is CLIP's own (49408 ids, the vocabulary SD 1.x, 2.x and both SDXL
+encoders were trained with), built from CLIP's merge table shipped beside this file (clip_bpe_16e6.txt.gz, MIT:
+clip_bpe_16e6.LICENSE) exactly as OpenAI's SimpleTokenizer builds its vocabulary. The random-weight presets use
+`builtin_tokenizer`: sdrt *builds* a small CLIP-format vocabulary: CLIP's 256 byte symbols (plain and with the
 end-of-word marker `</w>`), merges learned by byte-pair encoding over a fixed corpus of prompt words, and CLIP's two
 special tokens. It is deterministic (same corpus, same merges, same ids), is loaded by transformers' stock
 CLIPTokenizer, so tokenization follows CLIP exactly (lower-casing, the regex pre-tokenizer, BPE, 77-token padding
@@ -12,9 +15,13 @@ from __future__ import annotations
 
 import collections
 import functools
+import gzip
+from pathlib import Path
 
 VOCAB_SIZE = 1024
+CLIP_VOCAB_SIZE = 49408
 MAX_LENGTH = 77
+CLIP_BPE = Path(__file__).with_name("clip_bpe_16e6.txt.gz")
 
 # Words of the kind prompts are made of; BPE merges are learned from these, so common prompt words become one token.
 _CORPUS = """a photo of an astronaut riding a horse on the moon highly detailed portrait of a cat wearing sunglasses
@@ -89,3 +96,25 @@ def builtin_tokenizer(pad_token: str = "<|endoftext|>"):
 
     vocab, merges = builtin_vocab()
     return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad_token, model_max_length=MAX_LENGTH)
+
+
+@functools.lru_cache(maxsize=1)
+def clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """(vocab, merges) of CLIP's tokenizer: 512 byte symbols, the first 48894 merges of the table, the two special
+    tokens (OpenAI's SimpleTokenizer: merges[1:49152-256-2+1]; line 0 is the table's version header)."""
+    lines = gzip.decompress(CLIP_BPE.read_bytes()).decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1:CLIP_VOCAB_SIZE - 512 - 2 + 1]]
+    symbols = list(bytes_to_unicode().values())
+    vocab_list = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    vocab = {s: i for i, s in enumerate(vocab_list + ["<|startoftext|>", "<|endoftext|>"])}
+    assert len(vocab) == CLIP_VOCAB_SIZE, len(vocab)  # a damaged table, not a user error
+    return vocab, merges
+
+
+def clip_tokenizer(pad_token: str = "<|endoftext|>"):
+    """CLIP's tokenizer as transformers' CLIPTokenizer (SD 2.x's and SDXL's second encoder pad with '!')."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = clip_vocab()
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad_token, model_max_length=MAX_LENGTH)
+

@@ -9,11 +9,11 @@ import torch
 from ldm_layout import to_ldm_state_dict  # tests/ is on sys.path (pytest's rootdir-relative import)
 from safetensors.torch import save_file
 
-from sdrt.checkpoint import detect_preset, load_single_file
+from sdrt.checkpoint import checkpoint_files, detect_preset, load_single_file, load_tokenizers
 from sdrt.errors import SdrtError
 from sdrt.models import build_preset, hash_files, load_model
 from sdrt.specs import PRESETS
-from sdrt.tokenizer import builtin_tokenizer
+from sdrt.tokenizer import CLIP_BPE, builtin_tokenizer
 
 EXPECTED = {"tiny": ("sd1", "epsilon", 1), "tiny-sd2": ("sd2", "v_prediction", 1), "tiny-sdxl": ("sdxl", "epsilon", 2)}
 
@@ -38,7 +38,7 @@ def test_round_trip_is_exact(files, name):
     assert (c.family.value, c.prediction_type, len(c.text_encoders), len(c.tokenizers)) == (family, prediction,
                                                                                             n_text, n_text)
     assert c.name == f"{name}-finetune" and c.source == str(path)
-    assert c.source_hash == hash_files([path])
+    assert c.source_hash == hash_files(checkpoint_files(path)) and checkpoint_files(path) == [path, CLIP_BPE]
     assert c.default_size == PRESETS[name].default_size and c.vae_scale == PRESETS[name].vae_scale
     assert list(c.modules) == list(orig.modules)
     for mod_name, m in c.modules.items():
@@ -75,6 +75,53 @@ def test_tokenizer_folder_beside_file_is_used(files, tmp_path):
     tok.save_pretrained(tmp_path / "tokenizer")
     c = load_single_file(path)
     assert "<sdrt-test-token>" in c.tokenizers[0].get_vocab()
+
+
+@pytest.mark.parametrize("name, pads", [("sd15", ["<|endoftext|>"]), ("sd21", ["!"]),
+                                        ("sdxl", ["<|endoftext|>", "!"])])
+def test_a_real_checkpoint_alone_gets_clips_own_tokenizer(tmp_path, name, pads):
+    # A file downloaded alone used to get the builtin 914-token vocabulary, whose ids are not CLIP's: every prompt
+    # came out as other words, silently. The ids below are CLIP's (openai/clip-vit-large-patch14's tokenizer).
+    toks = load_tokenizers(tmp_path, PRESETS[name])
+    assert [t.pad_token for t in toks] == pads  # as the released tokenizers pad (OpenCLIP's with id 0)
+    for tok in toks:
+        assert len(tok) == 49408 and (tok.bos_token_id, tok.eos_token_id) == (49406, 49407)
+        assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+        assert tok("Hello, world").input_ids == [49406, 3306, 267, 1002, 49407]
+        ids = tok("A PHOTO of  a Cat", padding="max_length", max_length=77).input_ids
+        assert ids[:7] == [49406, 320, 1125, 539, 320, 2368, 49407] and len(ids) == 77
+        assert set(ids[7:]) == {tok.pad_token_id} and tok.pad_token_id in (0, 49407)
+
+
+def test_each_text_encoder_pools_at_its_own_tokenizers_end_of_text(files, tmp_path):
+    # tokenizer_2/ without tokenizer/: encoder 1 takes the builtin one, encoder 2 this one, whose end-of-text id
+    # differs; both encoders were built with the first's id, so the second pooled at a token it never sees.
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(files["tiny-sdxl"][1].read_bytes())
+    tok = builtin_tokenizer(pad_token="!")
+    tok.add_special_tokens({"eos_token": "<sdrt-eos>"})  # an end-of-text id of its own (914)
+    tok.save_pretrained(tmp_path / "tokenizer_2")
+    c = load_single_file(path)
+    eos = [t.eos_token_id for t in c.tokenizers]
+    assert eos[0] != eos[1] and [te.config.eos_token_id for te in c.text_encoders] == eos
+
+
+def test_a_tokenizer_beside_the_file_is_part_of_its_identity(files, tmp_path):
+    # The export and engine caches key on source_hash; the text encoders pool at the tokenizer's end-of-text id,
+    # which is baked into the exported graph, so adding or editing tokenizer/ must not reuse the old export.
+    from sdrt.models import source_hash
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(files["tiny"][1].read_bytes())
+    alone = source_hash(str(path))
+    assert alone != hash_files([path])  # CLIP's merge table stands in, and is part of it
+    builtin_tokenizer().save_pretrained(tmp_path / "tokenizer")
+    beside = source_hash(str(path))
+    assert beside != alone and load_single_file(path).source_hash == beside
+    tok = builtin_tokenizer()
+    tok.add_tokens(["<sdrt-test-token>"])
+    tok.save_pretrained(tmp_path / "tokenizer")
+    assert source_hash(str(path)) not in (alone, beside)
 
 
 def test_empty_tokenizer_folder_beside_file_is_refused(files, tmp_path):
@@ -139,7 +186,7 @@ def test_cli_info(files, tmp_path, capsys):
     path = files["tiny-sdxl"][1]
     assert main(["info", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "family:      sdxl" in out and hash_files([path])[:16] in out and "text_encoder_2" in out
+    assert "family:      sdxl" in out and hash_files(checkpoint_files(path))[:16] in out and "text_encoder_2" in out
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(hashlib.sha256(b"x").digest())
     assert main(["info", str(bad)]) == 1
